@@ -1,0 +1,219 @@
+"""The one typed configuration: ``params.yaml`` -> frozen dataclasses.
+
+Every field has no default here: ``params.yaml`` is the single source of values (its defaults
+are the embedded tiny profile). ``load_config(path, sections)`` validates the whole file but
+returns only the sections a stage declares, so a stage that reads a section it did not declare
+in ``dvc.yaml`` fails at once instead of silently escaping DVC's change tracking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipeline.schema import ConfigError, build, require
+
+WeightingScheme = Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out_dir: str  # folder the tiny world is written to (train.jsonl, images/, eval/)
+    num_images: int  # training images generated
+    image_size: int  # side of the square images, pixels
+    degraded_fraction: float  # fraction of training images blurred/noised (prepare must drop them)
+    text_fraction: float  # fraction of training images showing a rendered word
+    num_eval_geneval: int  # prompts in the tiny GenEval-format evaluation set
+    num_eval_ocr: int  # prompts in the tiny OCR evaluation set
+    seed: int  # generator seed; same seed, same bytes
+
+    def validate(self, where: str) -> None:
+        require(self.num_images > 0, where, "num_images", "must be > 0")
+        require(0 <= self.degraded_fraction < 1, where, "degraded_fraction", "must be in [0, 1)")
+        require(0 <= self.text_fraction < 1, where, "text_fraction", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    jsonl_path: str  # training JSONL, one {"md5", "caption_en", "bw", "bh"} per line
+    image_dir: str  # folder holding the images as {md5}.jpg
+    quality: Literal["tiny_sharpness"]  # quality score the prepare filter applies
+    quality_threshold: float  # keep images whose quality score is >= this
+    prepared_dir: str  # output of prepare: filtered train.jsonl and report.json
+    dataloader_num_workers: int  # DataLoader worker processes (0 = in the main process)
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    sample_size: int  # latent side; with the pixel codec equal to the image side, pixels
+    patch_size: int  # transformer patch side, latent pixels
+    num_layers: int  # MMDiT blocks
+    num_attention_heads: int  # attention heads per block
+    attention_head_dim: int  # width of one head
+    joint_attention_dim: int  # width of the text tokens fed to the transformer
+    pooled_projection_dim: int  # width of the pooled text embedding (sum of both CLIP projections)
+    caption_projection_dim: int  # transformer width (= heads x head_dim in SD3)
+    qk_norm: str | None  # "rms_norm" as in SD3.5, or null
+    text_hidden_size: int  # width of each tiny CLIP text encoder
+    text_layers: int  # layers of each tiny CLIP text encoder
+    text_max_length: int  # tokens per prompt for the CLIP tokenizers
+    shift: float  # FlowMatchEulerDiscreteScheduler shift (3.0 for SD3.5)
+
+    def validate(self, where: str) -> None:
+        require(self.sample_size % self.patch_size == 0, where, "sample_size", "must divide by patch_size")
+        require(
+            self.caption_projection_dim == self.num_attention_heads * self.attention_head_dim,
+            where, "caption_projection_dim", "must equal num_attention_heads * attention_head_dim",
+        )
+        require(self.pooled_projection_dim == 2 * self.text_hidden_size, where, "pooled_projection_dim",
+                "must be 2 * text_hidden_size (two CLIP encoders)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_path: str  # diffusers folder of the base model (pretrain output in the tiny profile)
+    models_dir: str  # post-trained transformers go to {models_dir}/{method}/transformer
+    t5_max_length: int  # T5 tokens per prompt when the folder has a T5 encoder (77 in the paper)
+    tiny: TinyModelConfig  # architecture the pretrain stage builds from scratch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int  # training seed (noise, timesteps, data order)
+    learning_rate: float  # AdamW learning rate
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"]  # LR schedule
+    lr_warmup_steps: int  # warm-up steps of the LR schedule
+    adam_weight_decay: float  # AdamW decoupled weight decay
+    max_grad_norm: float  # gradient clipping norm
+    train_batch_size: int  # images per process per micro-step
+    gradient_accumulation_steps: int  # micro-steps per optimiser step
+    max_train_steps: int  # optimiser steps
+    checkpointing_steps: int  # save the transformer every this many steps (0 = only at the end)
+    weighting_scheme: WeightingScheme  # timestep density and loss weight, as in SD3 training
+    logit_mean: float  # mean of the logit-normal timestep density
+    logit_std: float  # std of the logit-normal timestep density
+    mode_scale: float  # scale of the "mode" timestep density (1.29 in SD3)
+    mixed_precision: Literal["no", "fp16", "bf16"]  # autocast precision (no on CPU)
+    gradient_checkpointing: bool  # recompute activations in backward to save memory
+    cond_dropout_rate: float  # per-sample probability of training on the empty prompt
+    log_every: int  # log metrics every this many optimiser steps
+
+    def validate(self, where: str) -> None:
+        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"):
+            require(getattr(self, key) >= 1, where, key, "must be >= 1")
+        require(self.learning_rate > 0, where, "learning_rate", "must be > 0")
+        require(0 <= self.cond_dropout_rate < 1, where, "cond_dropout_rate", "must be in [0, 1)")
+        require(self.checkpointing_steps >= 0, where, "checkpointing_steps", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SoarConfig:
+    lambda_aux: float  # weight of the auxiliary (self-correction) loss; 0 = SFT
+    num_rollout_paths: int  # M: one ODE path plus M - 1 stochastic paths
+    trajectory_length: int  # auxiliary points per rollout path (T)
+    num_sampling_steps: int  # sampler steps the rollout step size is taken from (1/N in t)
+    sde_rollout_type: Literal["simple", "sde", "flow_sde", "cps"]  # stochastic path formula
+    sde_noise_scale: float  # noise scale eta of the stochastic paths
+    cfg_scale_sampling: float  # CFG scale of the rollout velocity
+    sigma_upper_ratio: float | None  # null: sigma' ~ U[sigma1, 1] (paper); r: U[sigma1, min(r*sigma0, 1)]
+    aux_microbatch: int | None  # split main+aux forward into chunks of this many points (null = one)
+
+    def validate(self, where: str) -> None:
+        require(self.lambda_aux >= 0, where, "lambda_aux", "must be >= 0")
+        require(self.num_rollout_paths >= 1, where, "num_rollout_paths", "must be >= 1")
+        require(self.trajectory_length >= 0, where, "trajectory_length", "must be >= 0")
+        require(self.num_sampling_steps >= 1, where, "num_sampling_steps", "must be >= 1")
+        require(self.sde_noise_scale >= 0, where, "sde_noise_scale", "must be >= 0")
+        require(self.sigma_upper_ratio is None or self.sigma_upper_ratio > 0, where, "sigma_upper_ratio",
+                "must be null or > 0")
+        require(self.aux_microbatch is None or self.aux_microbatch >= 1, where, "aux_microbatch",
+                "must be null or >= 1")
+
+
+@dataclass(frozen=True)
+class PromptSetConfig:
+    path: str  # prompt file: GenEval metadata JSONL or one prompt per line
+    format: Literal["geneval", "text"]  # how to read the file
+    images_per_prompt: int  # images sampled per prompt line
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    out_dir: str  # samples go to {out_dir}/{model}/{prompt set}/
+    num_inference_steps: int  # Euler steps of the sampler (40 in the paper)
+    guidance_scale: float  # CFG scale (4.5 in the paper)
+    resolution: int  # image side, pixels (512 in the paper)
+    batch_size: int  # images per forward (CFG doubles it)
+    seed: int  # base seed; image (prompt i, image j) uses its own generator from (seed, i, j)
+    prompt_sets: dict[str, PromptSetConfig]  # named evaluation prompt sets
+    grid_prompts: int  # prompts per set shown side by side in the report grid
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    out_dir: str  # per-image scores and metrics go to {out_dir}/{model}/
+    scorers: dict[str, list[str]]  # prompt set -> names of the scorers applied to it
+    geneval_backend: Literal["tiny", "mask2former"]  # detector: exact tiny-world one or Mask2Former
+    ocr_upscale: int  # OCR input side: smaller images are upscaled to this, pixels
+    batch_size: int  # images per scorer call
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str  # MLflow experiment name
+    tracking_uri: str | None  # null: $MLFLOW_TRACKING_URI or sqlite mlflow.db at the repo root
+    log_images: bool  # log sample images and the grid as artifacts
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    num_processes: int  # processes per machine for accelerate launch
+    num_machines: int  # machines for accelerate launch
+    config_file: str  # accelerate config file
+
+
+@dataclass(frozen=True)
+class Config:
+    synth: SynthConfig | None = None
+    data: DataConfig | None = None
+    model: ModelConfig | None = None
+    pretrain: TrainConfig | None = None
+    train: TrainConfig | None = None
+    soar: SoarConfig | None = None
+    sample: SampleConfig | None = None
+    score: ScoreConfig | None = None
+    mlflow: MlflowConfig | None = None
+    launch: LaunchConfig | None = None
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def parse_config(raw: dict, source: str = "params.yaml") -> Config:
+    """Validate a whole params mapping; every section is required."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    missing = [s for s in SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(f"{source}: missing section {missing[0]!r}")
+    return build(Config, raw, source)
+
+
+def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Config:
+    """Load ``path``; keep only ``sections`` (all when None), the rest read as None."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameters file not found: {path}")
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    cfg = parse_config(raw, str(path))
+    if sections is None:
+        return cfg
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} requested (known: {', '.join(SECTIONS)})")
+    return dataclasses.replace(cfg, **{s: None for s in SECTIONS if s not in sections})

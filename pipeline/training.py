@@ -1,0 +1,68 @@
+"""Glue between the typed config, accelerate, MLflow and ``soar.trainer.train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from pipeline.config import SoarConfig, TrainConfig
+from pipeline.tracking import stage_run
+from soar.data.jsonl import read_training_records
+from soar.models.bundle import SD3Bundle
+from soar.step import StepSettings
+from soar.trainer import LoopSettings, train
+
+
+def step_settings(t: TrainConfig, soar: SoarConfig | None) -> StepSettings:
+    """The step's knobs; without a ``soar`` section the step is SFT (lambda_aux = 0, no aux points)."""
+    common = dict(weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                  mode_scale=t.mode_scale, cond_dropout_rate=t.cond_dropout_rate)
+    if soar is None:
+        return StepSettings(lambda_aux=0.0, num_rollout_paths=1, trajectory_length=0, num_sampling_steps=1,
+                            sde_rollout_type="flow_sde", sde_noise_scale=0.0, cfg_scale_sampling=1.0,
+                            sigma_upper_ratio=None, aux_microbatch=None, **common)
+    return StepSettings(lambda_aux=soar.lambda_aux, num_rollout_paths=soar.num_rollout_paths,
+                        trajectory_length=soar.trajectory_length, num_sampling_steps=soar.num_sampling_steps,
+                        sde_rollout_type=soar.sde_rollout_type, sde_noise_scale=soar.sde_noise_scale,
+                        cfg_scale_sampling=soar.cfg_scale_sampling, sigma_upper_ratio=soar.sigma_upper_ratio,
+                        aux_microbatch=soar.aux_microbatch, **common)
+
+
+def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
+    """Optimiser/loop settings from a ``train`` or ``pretrain`` section."""
+    return LoopSettings(
+        seed=t.seed, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
+        adam_weight_decay=t.adam_weight_decay, max_grad_norm=t.max_grad_norm, train_batch_size=t.train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_train_steps=t.max_train_steps,
+        checkpointing_steps=t.checkpointing_steps, gradient_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=dataloader_num_workers, log_every=t.log_every)
+
+
+def load_records(jsonl_path: str | Path) -> list[dict]:
+    """Training records; any malformed line is an error here (prepare is where lines get dropped)."""
+    records, problems = read_training_records(jsonl_path)
+    if problems:
+        raise ValueError(f"{jsonl_path}: {len(problems)} malformed line(s), first: {problems[0]}")
+    return records
+
+
+def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
+                 image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
+                 params: dict, dataloader_num_workers: int = 0) -> dict[str, float]:
+    """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0."""
+    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    records = load_records(jsonl_path)
+    with stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process) as run:
+        def log(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics(metrics, step=step)
+            if accelerator.is_main_process:
+                shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                print(f"{stage}:{method} step {step}/{t.max_train_steps} {shown}", flush=True)
+
+        final = train(bundle, records, image_dir, loop_settings(t, dataloader_num_workers), step_settings(t, soar),
+                      out_dir, accelerator, log)
+        run.log_metrics({f"final/{k}": v for k, v in final.items()})
+    accelerator.end_training()
+    return final

@@ -1,0 +1,131 @@
+"""Build the embedded tiny SD3-family model from scratch and save it as a diffusers folder.
+
+Same classes as SD3.5-Medium (SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler, two
+CLIPTextModelWithProjection encoders with CLIP BPE tokenizers), at a size that trains on a
+laptop CPU. No T5 and no VAE: the tiny profile uses the explicit pixel codec
+(``soar.models.codec.PixelCodec``), and the transformer works on RGB pixels in [-1, 1].
+
+The tokenizer vocabulary is built from the training captions: every byte-level character
+(so any text, e.g. a quoted word for OCR, is spelled out) plus whole-word BPE merges for the
+caption words outside quotes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+from soar.models.codec import PixelCodec
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+WORD_SUFFIX = "</w>"  # CLIP BPE end-of-word marker
+_QUOTED = re.compile(r'"[^"]*"')
+_WORD = re.compile(r"[a-z]+")
+NUM_TRAIN_TIMESTEPS = 1000  # SD3 scheduler training steps
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """Architecture of the tiny model; fields mirror ``pipeline.config.TinyModelConfig``."""
+
+    sample_size: int
+    patch_size: int
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    caption_projection_dim: int
+    qk_norm: str | None
+    text_hidden_size: int
+    text_layers: int
+    text_max_length: int
+    shift: float
+
+
+def caption_words(captions: Iterable[str]) -> list[str]:
+    """Sorted lower-case words of the captions, ignoring quoted text (which stays spelled out)."""
+    words: set[str] = set()
+    for caption in captions:
+        words.update(_WORD.findall(_QUOTED.sub(" ", caption.lower())))
+    return sorted(words)
+
+
+def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer: all byte-level characters plus whole-word merges for ``words``."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(c + WORD_SUFFIX for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        prefix = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            right = ch + WORD_SUFFIX if i == len(word) - 1 else ch
+            pair = (prefix, right)
+            prefix = prefix + right
+            if prefix not in vocab:
+                merges.append(pair)
+                vocab[prefix] = len(vocab)
+    for special in (BOS, EOS):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyArch, seed: int) -> CLIPTextModelWithProjection:
+    """A randomly initialised CLIP text encoder with projection (frozen during post-training)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden_size,
+        intermediate_size=4 * arch.text_hidden_size,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=max(1, arch.text_hidden_size // 32),
+        max_position_embeddings=arch.text_max_length,
+        projection_dim=arch.text_hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_transformer(arch: TinyArch, seed: int) -> SD3Transformer2DModel:
+    """A randomly initialised SD3 MMDiT on 3-channel pixel latents."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=arch.sample_size,
+        patch_size=arch.patch_size,
+        in_channels=PixelCodec.channels,
+        out_channels=PixelCodec.channels,
+        num_layers=arch.num_layers,
+        attention_head_dim=arch.attention_head_dim,
+        num_attention_heads=arch.num_attention_heads,
+        joint_attention_dim=arch.joint_attention_dim,
+        caption_projection_dim=arch.caption_projection_dim,
+        pooled_projection_dim=arch.pooled_projection_dim,
+        pos_embed_max_size=arch.sample_size // arch.patch_size,
+        qk_norm=arch.qk_norm,
+        dual_attention_layers=(),
+    )
+
+
+def write_tiny_model(out_dir: Path, arch: TinyArch, captions: Iterable[str], seed: int) -> None:
+    """Write a complete tiny model folder (random weights) that ``load_bundle`` opens."""
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer(caption_words(captions), arch.text_max_length)
+    for i, sub in enumerate(("", "_2")):
+        tokenizer.save_pretrained(out_dir / f"tokenizer{sub}")
+        build_text_encoder(tokenizer, arch, seed + 1 + i).save_pretrained(out_dir / f"text_encoder{sub}")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=arch.shift).save_pretrained(
+        out_dir / "scheduler"
+    )
+    PixelCodec().save(out_dir / "codec")
+    build_transformer(arch, seed).save_pretrained(out_dir / "transformer")

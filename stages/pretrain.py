@@ -1,0 +1,28 @@
+"""Stage `pretrain`: build the tiny SD3 model from scratch and train it by plain flow matching."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.training import load_records, run_training
+from soar.models.bundle import load_bundle
+from soar.models.tiny import TinyArch, write_tiny_model
+from stages.common import declared, load
+
+PARAMS = ("data", "model", "pretrain", "mlflow")
+
+
+def main() -> None:
+    cfg = load(PARAMS)
+    out = Path(cfg.model.base_path)
+    captions = [r.caption for r in load_records(cfg.data.jsonl_path)]
+    write_tiny_model(out, TinyArch(**dataclasses.asdict(cfg.model.tiny)), captions, seed=cfg.pretrain.seed)
+    bundle = load_bundle(out)
+    run_training(bundle, cfg.pretrain, None, cfg.data.jsonl_path, cfg.data.image_dir, out, stage="pretrain",
+                 method="base", mlflow_cfg=cfg.mlflow, params=declared(cfg, PARAMS),
+                 dataloader_num_workers=cfg.data.dataloader_num_workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Stage `report`: results.md / results.csv (the paper's table layout) and grid.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.report import MODELS, image_grid, results_table
+from pipeline.tracking import stage_run
+from stages.common import declared, load
+
+PARAMS = ("sample", "score", "mlflow")
+OUT = Path("data/report")
+
+
+def main() -> None:
+    cfg = load(PARAMS)
+    metrics = {}
+    for m in MODELS:
+        path = Path(cfg.score.out_dir) / m / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"metrics not found: {path} (run score@{m})")
+        metrics[m] = json.loads(path.read_text())
+    md, csv_text = results_table(metrics)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.md").write_text("# Results (tiny-world metrics; see README)\n\n" + md)
+    (OUT / "results.csv").write_text(csv_text)
+    image_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts).save(OUT / "grid.png")
+    print(md)
+    with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS)) as run:
+        for m, values in metrics.items():
+            run.log_metrics({f"{m}/{k}": v for k, v in values.items()})
+        for name in ("results.md", "results.csv", "grid.png"):
+            run.log_artifact(OUT / name)
+
+
+if __name__ == "__main__":
+    main()
