@@ -4,6 +4,6 @@ Importing this package registers every scorer; heavy engines load lazily inside 
 """
 
 from soar.rewards import geneval, ocr  # noqa: F401  (registration)
-from soar.rewards.base import ScoreRecord, Scorer, available, build_scorer, register
+from soar.rewards.base import Scorer, ScoreRecord, available, build_scorer, register
 
 __all__ = ["ScoreRecord", "Scorer", "available", "build_scorer", "register"]

@@ -55,7 +55,7 @@ class GenEvalScorer(Scorer):
         if not (len(batch) == len(prompts) == len(metadata)):
             raise ValueError(f"geneval: {len(batch)} images, {len(prompts)} prompts, {len(metadata)} metadata")
         records = []
-        for i, (image, prompt, meta) in enumerate(zip(batch, prompts, metadata)):
+        for i, (image, prompt, meta) in enumerate(zip(batch, prompts, metadata, strict=True)):
             check_metadata(meta, where=f"geneval: metadata of image {i} (prompt {prompt!r})")
             if "prompt" in meta and str(meta["prompt"]).strip() != str(prompt).strip():
                 raise ValueError(f"geneval: image {i}: prompt {prompt!r} differs from its metadata's "

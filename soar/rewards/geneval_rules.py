@@ -175,7 +175,7 @@ def aggregate_geneval(
     if not tags:
         raise ValueError("geneval: no images to aggregate")
     per_tag: dict[str, list[tuple[bool, bool]]] = {}
-    for tag, ok, strict in zip(tags, corrects, stricts):
+    for tag, ok, strict in zip(tags, corrects, stricts, strict=True):
         per_tag.setdefault(tag, []).append((bool(ok), bool(strict)))
     acc = {t: float(np.mean([c for c, _ in v])) for t, v in per_tag.items()}
     acc_strict = {t: float(np.mean([s for _, s in v])) for t, v in per_tag.items()}

@@ -139,10 +139,11 @@ class TinyDetector:
         comp = flat[inside]
         ys, xs = np.divmod(np.nonzero(inside)[0], image.shape[1])
         area = np.bincount(comp, minlength=n)
-        y0 = np.full(n, image.shape[0]); y1 = np.full(n, -1)  # noqa: E702
-        x0 = np.full(n, image.shape[1]); x1 = np.full(n, -1)  # noqa: E702
-        np.minimum.at(y0, comp, ys); np.maximum.at(y1, comp, ys)  # noqa: E702
-        np.minimum.at(x0, comp, xs); np.maximum.at(x1, comp, xs)  # noqa: E702
+        y0, x0 = np.full(n, image.shape[0]), np.full(n, image.shape[1])
+        y1, x1 = np.full(n, -1), np.full(n, -1)
+        for lo, hi, coord in ((y0, y1, ys), (x0, x1, xs)):
+            np.minimum.at(lo, comp, coord)
+            np.maximum.at(hi, comp, coord)
         pure = np.bincount(comp, weights=(cos.reshape(-1)[inside] >= COLOR_COS_MIN), minlength=n)
         color_of = np.zeros(n, dtype=np.int64)
         color_of[comp] = idx.reshape(-1)[inside]
