@@ -121,6 +121,7 @@ class SoarConfig:
     cfg_scale_sampling: float  # CFG scale of the rollout velocity
     sigma_upper_ratio: float | None  # null: sigma' ~ U[sigma1, 1] (paper); r: U[sigma1, min(r*sigma0, 1)]
     aux_microbatch: int | None  # split main+aux forward into chunks of this many points (null = one)
+    sigma_sampling: Literal["grid", "continuous"]  # main/rollout sigmas: scheduler grid (paper) or shift(u)
 
     def validate(self, where: str) -> None:
         require(self.lambda_aux >= 0, where, "lambda_aux", "must be >= 0")

@@ -21,12 +21,12 @@ def step_settings(t: TrainConfig, soar: SoarConfig | None) -> StepSettings:
     if soar is None:
         return StepSettings(lambda_aux=0.0, num_rollout_paths=1, trajectory_length=0, num_sampling_steps=1,
                             sde_rollout_type="flow_sde", sde_noise_scale=0.0, cfg_scale_sampling=1.0,
-                            sigma_upper_ratio=None, aux_microbatch=None, **common)
+                            sigma_upper_ratio=None, aux_microbatch=None, sigma_sampling="grid", **common)
     return StepSettings(lambda_aux=soar.lambda_aux, num_rollout_paths=soar.num_rollout_paths,
                         trajectory_length=soar.trajectory_length, num_sampling_steps=soar.num_sampling_steps,
                         sde_rollout_type=soar.sde_rollout_type, sde_noise_scale=soar.sde_noise_scale,
                         cfg_scale_sampling=soar.cfg_scale_sampling, sigma_upper_ratio=soar.sigma_upper_ratio,
-                        aux_microbatch=soar.aux_microbatch, **common)
+                        aux_microbatch=soar.aux_microbatch, sigma_sampling=soar.sigma_sampling, **common)
 
 
 def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:

@@ -53,6 +53,23 @@ def sigma_from_t(t: torch.Tensor, grid: torch.Tensor, allow_zero: bool) -> torch
     return grid.to(t.device)[idx]
 
 
+def sigma_at(t: torch.Tensor, grid: torch.Tensor, *, allow_zero: bool, sampling: str = "grid",
+             shift: float | None = None) -> torch.Tensor:
+    """Sigmas ``[B]`` (grid dtype) for times ``t [B]`` (float64): the one place main and target sigmas are drawn.
+
+    ``sampling="grid"``: the scheduler's grid (``sigma_from_t``, as the released code and the paper);
+    ``"continuous"``: sigma = shift_sigma(t, shift) with the scheduler's shift (SD3 training without
+    a grid), which is 0 exactly at t = 0, so ``allow_zero`` needs no special case there.
+    """
+    if sampling == "grid":
+        return sigma_from_t(t, grid, allow_zero)
+    if sampling != "continuous":
+        raise ValueError(f"sigma_sampling: unknown {sampling!r} (known: grid, continuous)")
+    if shift is None:
+        raise ValueError("sigma_sampling=continuous needs the scheduler's shift")
+    return shift_sigma(t.double(), shift).to(device=grid.device, dtype=grid.dtype)
+
+
 def sample_t(scheme: str, batch: int, generator: torch.Generator, *, logit_mean: float, logit_std: float,
              mode_scale: float, device=None) -> torch.Tensor:
     """Draw training times ``u [batch]`` (float64) in (0, 1) from the density of ``scheme``.

@@ -76,7 +76,8 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         transformer.enable_gradient_checkpointing()
     row_of, text = encode_captions(bundle, [r.caption for r in records])
     uncond = TextCond(*bundle.encode_prompts([""]))
-    grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, bundle.scheduler.config.shift).float().to(device)
+    shift = float(bundle.scheduler.config.shift)  # the scheduler's sigmas: grid and continuous shift(u)
+    grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
     dataset = ImageCaptionDataset(records, image_dir)
     sampler = BucketBatchSampler([r.bucket for r in records], loop.train_batch_size, seed=loop.seed,
@@ -101,7 +102,8 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
             with accelerator.accumulate(transformer), accelerator.autocast():
                 metrics = training_step(velocity, z0, text.take(rows), uncond, grid, step, gen,
                                         backward=accelerator.backward, reduce_counts=reduce_counts,
-                                        world_size=accelerator.num_processes)
+                                        world_size=accelerator.num_processes, shift=shift,
+                                        no_sync=lambda: accelerator.no_sync(transformer))
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), loop.max_grad_norm)
