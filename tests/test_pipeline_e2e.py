@@ -1,0 +1,114 @@
+"""End to end: `dvc repro` on a micro profile in a copy of the repo, then the report and MLflow runs.
+
+Also checks DVC's change tracking: a second `dvc repro` runs nothing, and
+`dvc exp run -S soar.lambda_aux=0.5` reruns train@soar and what depends on it, not SFT or base.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = {  # seconds-scale sizes; everything else stays the default tiny profile
+    "synth": {"num_images": 160, "num_eval_geneval": 12, "num_eval_ocr": 4},
+    "pretrain": {"max_train_steps": 4, "train_batch_size": 8, "log_every": 2, "lr_warmup_steps": 1},
+    "train": {"max_train_steps": 2, "train_batch_size": 4, "log_every": 1},
+    "sample": {"num_inference_steps": 3, "grid_prompts": 2},
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-5000:]}"
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict]:
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in MICRO.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               MLFLOW_TRACKING_URI=f"sqlite:///{dest.parent / 'mlflow.db'}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "micro"]):
+        run(cmd, dest, env)
+    return dest, env
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo) -> str:
+    dest, env = repo
+    return run([sys.executable, "-m", "dvc", "repro"], dest, env)
+
+
+def test_repro_writes_the_report(repo, first_repro):
+    dest, _ = repo
+    assert {"synth", "prepare", "pretrain", "train@sft", "train@soar", "report"} <= ran_stages(first_repro)
+    md = (dest / "data/report/results.md").read_text()
+    for row in ("| base |", "| +SFT |", "| +SOAR |"):
+        assert row in md
+    rows = list(csv.DictReader((dest / "data/report/results.csv").open()))
+    assert [r["model"] for r in rows] == ["base", "+SFT", "+SOAR"]
+    for r in rows:
+        for key in ("geneval", "ocr", "geneval/position"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    grid = Image.open(dest / "data/report/grid.png")
+    assert grid.width > 3 * 64 and grid.height > 4 * 64  # three model columns, 2 prompts x 2 sets
+    assert (dest / "data/samples/soar/geneval/00000/samples/0000.png").is_file()
+    assert (dest / "data/samples/soar/geneval/00000/metadata.jsonl").is_file()
+    assert (dest / "dvc.lock").is_file()
+
+
+def test_mlflow_has_one_run_per_stage(repo, first_repro):
+    import mlflow
+
+    dest, env = repo
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("soar")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    by = {(r.data.tags["stage"], r.data.tags["method"]): r for r in runs}
+    expected = {("synth", "world"), ("prepare", "filter"), ("pretrain", "base"), ("train", "sft"), ("train", "soar"),
+                ("sample", "base"), ("sample", "sft"), ("sample", "soar"), ("score", "base"), ("score", "sft"),
+                ("score", "soar"), ("report", "all")}
+    assert expected <= set(by)
+    soar_run = by[("train", "soar")]
+    for key in ("loss", "loss_main", "loss_aux", "lr", "grad_norm", "images_per_s", "drift", "frac_t0"):
+        assert key in soar_run.data.metrics, key
+    assert "loss_aux" not in by[("train", "sft")].data.metrics
+    assert soar_run.data.params["soar.lambda_aux"] == "1.0"
+    assert len(soar_run.data.tags["git_commit"]) == 40
+    assert "geneval" in by[("score", "soar")].data.metrics
+
+
+def test_second_repro_does_nothing_and_exp_reruns_only_soar(repo, first_repro):
+    dest, env = repo
+    again = run([sys.executable, "-m", "dvc", "repro"], dest, env)
+    assert ran_stages(again) == set(), again
+    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "soar.lambda_aux=0.5"], dest, env)
+    assert ran_stages(exp) == {"train@soar", "sample@soar", "score@soar", "report"}, exp
