@@ -129,8 +129,8 @@ class SoarConfig:
         require(self.trajectory_length >= 0, where, "trajectory_length", "must be >= 0")
         require(self.num_sampling_steps >= 1, where, "num_sampling_steps", "must be >= 1")
         require(self.sde_noise_scale >= 0, where, "sde_noise_scale", "must be >= 0")
-        require(self.sigma_upper_ratio is None or self.sigma_upper_ratio > 0, where, "sigma_upper_ratio",
-                "must be null or > 0")
+        require(self.sigma_upper_ratio is None or self.sigma_upper_ratio >= 1, where, "sigma_upper_ratio",
+                "must be null or >= 1 (below 1, r*sigma0 can fall under sigma1 and the range would be empty)")
         require(self.aux_microbatch is None or self.aux_microbatch >= 1, where, "aux_microbatch",
                 "must be null or >= 1")
 

@@ -49,6 +49,8 @@ def edited(raw, dotted: str, value):
     ("soar.trajectory_length", -1, "params.yaml.soar.trajectory_length: must be >= 0"),
     ("soar.sde_noise_scale", -0.1, "params.yaml.soar.sde_noise_scale: must be >= 0"),
     ("soar.num_rollout_paths", 0, "params.yaml.soar.num_rollout_paths: must be >= 1"),
+    ("soar.sigma_upper_ratio", 0.5, "params.yaml.soar.sigma_upper_ratio: must be null or >= 1"),
+    ("soar.sigma_sampling", "cont", "params.yaml.soar.sigma_sampling: 'cont' is not one of"),
     ("soar.cfg_scale_sampling", KeyError, "params.yaml.soar.cfg_scale_sampling: missing key"),
     ("model.tiny.patch_size", 5, "params.yaml.model.tiny.sample_size: must divide by patch_size"),
     ("sample.prompt_sets.ocr.format", "csv", "params.yaml.sample.prompt_sets.ocr.format: 'csv' is not one of"),

@@ -7,22 +7,17 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import step_settings
 
 from soar.flow import interpolate, loss_weight, sample_t, sigma_from_t, sigma_grid, weighted_mse
 from soar.objective import loss_denominator, soar_loss
 from soar.rollout import aux_points, aux_sigmas, cfg_velocity, ode_step, sigma_upper
-from soar.step import StepSettings, TextCond, training_step
+from soar.step import TextCond, training_step
 
 torch.set_default_dtype(torch.float64)
 
 
-def settings(**kw) -> StepSettings:
-    base = dict(lambda_aux=1.0, num_rollout_paths=1, trajectory_length=6, num_sampling_steps=40,
-                sde_rollout_type="flow_sde", sde_noise_scale=0.5, cfg_scale_sampling=4.5, sigma_upper_ratio=None,
-                aux_microbatch=None, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
-                mode_scale=1.29, cond_dropout_rate=0.0)
-    base.update(kw)
-    return StepSettings(**base)
+settings = step_settings
 
 
 def test_sigma_grid_equals_scheduler_sigmas():

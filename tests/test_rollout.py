@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import step_settings
 
 from soar.flow import shift_sigma, sigma_from_t, sigma_grid
 from soar.rollout import STOCHASTIC_STEPS, cps_step, flow_sde_step, ode_step, sde_step, simple_step, stochastic_step
@@ -112,12 +113,7 @@ def test_unknown_rollout_type_names_the_key():
 # ---- how build_points composes paths (u_aux = 0 puts sigma' = sigma1, so z_aux = z'1: the rolled state) ----
 
 def settings(**kw) -> StepSettings:
-    base = dict(lambda_aux=1.0, num_rollout_paths=3, trajectory_length=2, num_sampling_steps=40,
-                sde_rollout_type="flow_sde", sde_noise_scale=0.5, cfg_scale_sampling=4.5, sigma_upper_ratio=None,
-                aux_microbatch=None, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
-                mode_scale=1.29, cond_dropout_rate=0.0)
-    base.update(kw)
-    return StepSettings(**base)
+    return step_settings(**{"num_rollout_paths": 3, "trajectory_length": 2, **kw})
 
 
 def affine_model(z, sigma, embeds, pooled):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import step_settings
 
 from soar.flow import loss_weight, sigma_from_t, sigma_grid
 from soar.rollout import STOCHASTIC_STEPS
@@ -29,12 +30,8 @@ GRID = sigma_grid(1000, 3.0)
 
 
 def settings(**kw) -> StepSettings:
-    base = dict(lambda_aux=0.7, num_rollout_paths=3, trajectory_length=3, num_sampling_steps=40,
-                sde_rollout_type="flow_sde", sde_noise_scale=0.5, cfg_scale_sampling=4.5, sigma_upper_ratio=None,
-                aux_microbatch=None, weighting_scheme="cosmap", logit_mean=0.0, logit_std=1.0,
-                mode_scale=1.29, cond_dropout_rate=0.5)
-    base.update(kw)
-    return StepSettings(**base)
+    return step_settings(**{"lambda_aux": 0.7, "num_rollout_paths": 3, "trajectory_length": 3,
+                            "weighting_scheme": "cosmap", "cond_dropout_rate": 0.5, **kw})
 
 
 class SmallModel(torch.nn.Module):
