@@ -1,5 +1,8 @@
 """The one typed configuration: ``params.yaml`` -> frozen dataclasses.
 
+``params.yaml`` is read as YAML 1.2 (ruamel.yaml, like DVC, which rewrites it for
+``dvc exp run -S``): ``no`` is the string "no" and ``1e-4`` a number.
+
 Every field has no default here: ``params.yaml`` is the single source of values (its defaults
 are the embedded tiny profile). ``load_config(path, sections)`` validates the whole file but
 returns only the sections a stage declares, so a stage that reads a section it did not declare
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
+from ruamel.yaml import YAML
 
 from pipeline.schema import ConfigError, build, require
 
@@ -204,14 +207,19 @@ def parse_config(raw: dict, source: str = "params.yaml") -> Config:
     return build(Config, raw, source)
 
 
-def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Config:
-    """Load ``path``; keep only ``sections`` (all when None), the rest read as None."""
+def read_params(path: str | Path) -> dict:
+    """The raw mapping in ``path``, read as YAML 1.2 (as DVC reads and writes params.yaml)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameters file not found: {path}")
     with path.open() as f:
-        raw = yaml.safe_load(f)
-    cfg = parse_config(raw, str(path))
+        return YAML(typ="safe", pure=True).load(f)
+
+
+def load_config(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Config:
+    """Load ``path``; keep only ``sections`` (all when None), the rest read as None."""
+    path = Path(path)
+    cfg = parse_config(read_params(path), str(path))
     if sections is None:
         return cfg
     unknown = [s for s in sections if s not in SECTIONS]

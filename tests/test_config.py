@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import SECTIONS, load_config, parse_config
+from pipeline.config import SECTIONS, load_config, parse_config, read_params
 from pipeline.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def raw() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return read_params(ROOT / "params.yaml")
 
 
 def test_repo_params_load(raw):
@@ -60,6 +60,15 @@ def test_bad_values_name_the_key(raw, key, value, message):
     with pytest.raises(ConfigError) as err:
         parse_config(edited(raw, key, value))
     assert message in str(err.value)
+
+
+def test_params_as_dvc_rewrites_them_load(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `no` unquoted must stay the string "no"."""
+    text = (ROOT / "params.yaml").read_text().replace('mixed_precision: "no"', "mixed_precision: no")
+    assert "mixed_precision: no\n" in text
+    (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 1.0e-4", "learning_rate: 1e-4"))
+    cfg = load_config(tmp_path / "params.yaml")
+    assert cfg.train.mixed_precision == "no" and cfg.train.learning_rate == 1e-4
 
 
 def test_missing_section_and_file(raw, tmp_path):
