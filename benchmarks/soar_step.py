@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from pipeline.config import read_params
 from soar.flow import loss_weight, sigma_grid, weighted_mse
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyArch, build_transformer
 from soar.objective import loss_denominator
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_params(ROOT / "params.yaml")
     tiny = params["model"]["tiny"]
     arch = TinyArch(**tiny)
     transformer = build_transformer(arch, seed=0).train()
