@@ -1,9 +1,9 @@
 """Scorers: one interface (``base.Scorer``), one registry (``base.build_scorer``).
 
-Importing this package registers every scorer; heavy engines load lazily inside the factories.
+The built-in scorers (``geneval``, ``ocr``) register when the registry is first used; heavy engines
+load lazily inside their factories.
 """
 
-from soar.rewards import geneval, ocr  # noqa: F401  (registration)
-from soar.rewards.base import Scorer, ScoreRecord, available, build_scorer, register
+from soar.rewards.base import ScoreRecord, Scorer, available, build_scorer, register
 
 __all__ = ["ScoreRecord", "Scorer", "available", "build_scorer", "register"]

@@ -44,6 +44,15 @@ class Scorer(ABC):
 
 ScorerFactory = Callable[..., Scorer]
 _REGISTRY: dict[str, ScorerFactory] = {}
+BUILTIN_SCORER_MODULES = ("soar.rewards.geneval", "soar.rewards.ocr")  # imported on first lookup
+
+
+def _load_builtins() -> None:
+    """Import the built-in scorer modules so their ``@register`` decorators have run."""
+    import importlib
+
+    for module in BUILTIN_SCORER_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
@@ -60,11 +69,13 @@ def register(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
 
 def available() -> list[str]:
     """Names of all registered scorers."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def build_scorer(name: str, **options: Any) -> Scorer:
     """Build the scorer registered as ``name``; unknown names are an error listing the known ones."""
+    _load_builtins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown scorer {name!r}; known: {', '.join(available())}")
     return _REGISTRY[name](**options)
