@@ -4,6 +4,6 @@ The built-in scorers (``geneval``, ``ocr``) register when the registry is first 
 load lazily inside their factories.
 """
 
-from soar.rewards.base import ScoreRecord, Scorer, available, build_scorer, register
+from soar.rewards.base import Scorer, ScoreRecord, available, build_scorer, register
 
 __all__ = ["ScoreRecord", "Scorer", "available", "build_scorer", "register"]
