@@ -78,7 +78,8 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_path: str  # diffusers folder of the base model (pretrain output in the tiny profile)
+    base_path: str  # diffusers folder of the base model that SFT/SOAR start from and sampling opens
+    pretrain_dir: str  # where the pretrain stage writes the tiny base model (tiny profile: = base_path)
     models_dir: str  # post-trained transformers go to {models_dir}/{method}/transformer
     t5_max_length: int  # T5 tokens per prompt when the folder has a T5 encoder (77 in the paper)
     tiny: TinyModelConfig  # architecture the pretrain stage builds from scratch
@@ -86,6 +87,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A ``train`` or ``pretrain`` section. Checkpoints go to ``<stage output>/checkpoints/checkpoint-{step}``;
+    ``resume_from_checkpoint`` is for runs outside DVC or with ``persist: true`` outs, since ``dvc repro``
+    deletes a stage's outputs (checkpoints included) before rerunning it."""
+
     seed: int  # training seed (noise, timesteps, data order)
     learning_rate: float  # AdamW learning rate
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"]  # LR schedule
@@ -95,7 +100,10 @@ class TrainConfig:
     train_batch_size: int  # images per process per micro-step
     gradient_accumulation_steps: int  # micro-steps per optimiser step
     max_train_steps: int  # optimiser steps
-    checkpointing_steps: int  # save the transformer every this many steps (0 = only at the end)
+    checkpointing_steps: int  # full-state checkpoint every this many optimiser steps (0 = none)
+    checkpoints_total_limit: int | None  # keep this many newest checkpoints, the oldest deleted (null = all)
+    resume_from_checkpoint: str | None  # null = fresh; "latest" = newest under <out>/checkpoints; or a folder
+    ema_decay: float | None  # EMA of the weights per optimiser step (e.g. 0.999), saved as transformer/; null = off
     weighting_scheme: WeightingScheme  # timestep density and loss weight, as in SD3 training
     logit_mean: float  # mean of the logit-normal timestep density
     logit_std: float  # std of the logit-normal timestep density
@@ -111,6 +119,11 @@ class TrainConfig:
         require(self.learning_rate > 0, where, "learning_rate", "must be > 0")
         require(0 <= self.cond_dropout_rate < 1, where, "cond_dropout_rate", "must be in [0, 1)")
         require(self.checkpointing_steps >= 0, where, "checkpointing_steps", "must be >= 0")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, where,
+                "checkpoints_total_limit", "must be null or >= 1")
+        require(self.resume_from_checkpoint is None or self.resume_from_checkpoint.strip() != "", where,
+                "resume_from_checkpoint", 'must be null, "latest" or a checkpoint folder')
+        require(self.ema_decay is None or 0 < self.ema_decay < 1, where, "ema_decay", "must be null or in (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from pipeline.config import SoarConfig, TrainConfig
@@ -36,7 +37,9 @@ def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
         adam_weight_decay=t.adam_weight_decay, max_grad_norm=t.max_grad_norm, train_batch_size=t.train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_train_steps=t.max_train_steps,
         checkpointing_steps=t.checkpointing_steps, gradient_checkpointing=t.gradient_checkpointing,
-        dataloader_num_workers=dataloader_num_workers, log_every=t.log_every)
+        dataloader_num_workers=dataloader_num_workers, log_every=t.log_every,
+        checkpoints_total_limit=t.checkpoints_total_limit, resume_from_checkpoint=t.resume_from_checkpoint,
+        ema_decay=t.ema_decay)
 
 
 def load_records(jsonl_path: str | Path) -> list[dict]:
@@ -51,7 +54,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0) -> dict[str, float]:
     """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0."""
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
     records = load_records(jsonl_path)
     with stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process) as run:

@@ -1,14 +1,27 @@
 """The training loop around ``soar.step.training_step`` (SFT, SOAR and tiny pretraining).
 
-Runs under ``accelerate launch`` (one or many processes); only the main process logs and saves.
-The loop: encode every caption once (in-memory text-embedding cache), then for each optimiser
-step draw a bucketed batch, encode images to latents, run one step, clip, update, log.
+Runs under ``accelerate launch`` (one or many processes); only the main process logs and writes
+files, and every process waits for it. The loop: encode every caption once (in-memory text-embedding
+cache), then for each optimiser step draw a bucketed batch, encode images to latents, run one step,
+check the loss is finite on every process, clip, update, update the EMA, log, checkpoint.
+
+State and failures (checkpoint format and atomic writes: ``soar.checkpoint``):
+
+- every ``checkpointing_steps`` steps a full-state checkpoint goes to ``{out_dir}/checkpoints``;
+  ``resume_from_checkpoint`` (None | "latest" | a folder) restores it exactly: weights, optimiser,
+  LR schedule, RNG states, the step's own generator, the data-sampler position and the EMA;
+- a NaN/inf loss skips that step's update, checkpoints the last good state (weights, generator and
+  sampler position before the bad step) and raises ``FloatingPointError`` naming the step and folder;
+- an out-of-memory error is re-raised naming the batch-size and aux micro-batch settings;
+- with an EMA, ``{out_dir}/transformer`` holds the EMA weights (what sampling loads) and
+  ``{out_dir}/transformer_raw`` the trained weights.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +30,9 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
+from soar import checkpoint
 from soar.data.dataset import BucketBatchSampler, ImageCaptionDataset, collate
+from soar.ema import EMA
 from soar.flow import TIMESTEP_SCALE, sigma_grid
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings, TextCond, training_step
@@ -43,6 +58,9 @@ class LoopSettings:
     gradient_checkpointing: bool
     dataloader_num_workers: int
     log_every: int
+    checkpoints_total_limit: int | None = None  # keep this many newest checkpoints (None = all)
+    resume_from_checkpoint: str | None = None  # None, "latest" (under out_dir/checkpoints) or a folder
+    ema_decay: float | None = None  # EMA of the weights with this decay (None = off)
 
 
 def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> tuple[dict[str, int], TextCond]:
@@ -66,6 +84,37 @@ def make_velocity(transformer) -> Callable:
     return velocity
 
 
+@contextmanager
+def oom_names_settings(loop: LoopSettings, step: StepSettings) -> Iterator[None]:
+    """Re-raise an out-of-memory error with the settings that lower memory use."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; other backends only say so
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
+        raise torch.OutOfMemoryError(
+            f"out of memory with train.train_batch_size={loop.train_batch_size} and soar.aux_microbatch="
+            f"{step.aux_microbatch} (pretrain.* in the pretrain stage): lower train.train_batch_size (raise "
+            "train.gradient_accumulation_steps to keep the effective batch), set soar.aux_microbatch to run "
+            "the main + auxiliary points in smaller chunks, or turn on train.gradient_checkpointing. "
+            f"Original error: {exc}") from exc
+
+
+def configure_deepspeed(accelerator: Accelerator, loop: LoopSettings, step: StepSettings) -> None:
+    """Fill the DeepSpeed config's "auto" values the trainer owns (we do not hand it a DataLoader)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if step.aux_microbatch is not None:  # accelerate's DeepSpeed backward also steps the engine
+        raise ValueError("soar.aux_microbatch must be null under DeepSpeed: every chunk's backward would "
+                         "step the optimizer; use train.gradient_checkpointing or a smaller batch instead")
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = loop.train_batch_size
+    ds["gradient_accumulation_steps"] = loop.gradient_accumulation_steps
+    ds["gradient_clipping"] = loop.max_grad_norm
+    ds["train_batch_size"] = loop.train_batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
+
+
 def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSettings, step: StepSettings,
           out_dir: str | Path, accelerator: Accelerator, log: Logger) -> dict[str, float]:
     """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format."""
@@ -86,48 +135,92 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=loop.learning_rate, weight_decay=loop.adam_weight_decay)
     schedule = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.lr_warmup_steps,
                              num_training_steps=loop.max_train_steps)
+    configure_deepspeed(accelerator, loop, step)
     transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
     velocity = make_velocity(transformer)
+    weights = list(accelerator.unwrap_model(transformer).parameters())
+    ema = EMA(weights, loop.ema_decay) if loop.ema_decay is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved and restored by save_state / load_state
     gen = torch.Generator(device).manual_seed(loop.seed * 1009 + accelerator.process_index)
+    ckpt_root = Path(out_dir) / "checkpoints"
 
     def reduce_counts(c: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(c, reduction="sum") if accelerator.num_processes > 1 else c
 
-    global_step, epoch, last, tic, seen = 0, 0, {}, time.perf_counter(), 0
+    def finite_everywhere(ok: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return ok
+        return float(accelerator.reduce(torch.tensor([float(not ok)], device=device), reduction="sum")) == 0
+
+    def snapshot(global_step: int, batches_done: int) -> dict:  # this process's part of a checkpoint
+        return {"global_step": global_step, "batches_done": batches_done, "generator": gen.get_state()}
+
+    def save(state: dict) -> Path:  # collective: every process calls it
+        return checkpoint.save_checkpoint(accelerator, ckpt_root, state["global_step"], state,
+                                          loop.checkpoints_total_limit, ema=ema is not None)
+
+    state = snapshot(0, 0)
+    resume = checkpoint.resolve_resume(loop.resume_from_checkpoint, ckpt_root)
+    if resume is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume, ema=ema is not None)
+        gen.set_state(state["generator"])
+        accelerator.print(f"resumed from {resume} at step {state['global_step']}")
+    elif loop.resume_from_checkpoint is not None:
+        accelerator.print(f"resume_from_checkpoint=latest: no complete checkpoint under {ckpt_root}; starting fresh")
+
+    global_step, done = state["global_step"], state["batches_done"]  # done: batches this process consumed
+    epoch, start = sampler.locate(done)
+    good, finite = state, True  # good: the state before the current step (what a NaN step falls back to)
+    last, tic, seen = {}, time.perf_counter(), 0
     while global_step < loop.max_train_steps:
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_batch=start)
         for batch in loader:
-            rows = torch.tensor([row_of[c] for c in batch["captions"]], device=device)
-            z0 = bundle.codec.encode(batch["pixels"].to(device), generator=gen)
-            with accelerator.accumulate(transformer), accelerator.autocast():
-                metrics = training_step(velocity, z0, text.take(rows), uncond, grid, step, gen,
-                                        backward=accelerator.backward, reduce_counts=reduce_counts,
-                                        world_size=accelerator.num_processes, shift=shift,
-                                        no_sync=lambda: accelerator.no_sync(transformer))
+            with oom_names_settings(loop, step):
+                rows = torch.tensor([row_of[c] for c in batch["captions"]], device=device)
+                z0 = bundle.codec.encode(batch["pixels"].to(device), generator=gen)
+                with accelerator.accumulate(transformer), accelerator.autocast():
+                    metrics = training_step(velocity, z0, text.take(rows), uncond, grid, step, gen,
+                                            backward=accelerator.backward, reduce_counts=reduce_counts,
+                                            world_size=accelerator.num_processes, shift=shift,
+                                            no_sync=lambda: accelerator.no_sync(transformer))
+                done += 1
+                finite &= bool(torch.isfinite(metrics["loss"]))
                 grad_norm = None
                 if accelerator.sync_gradients:
+                    if not finite_everywhere(finite):  # skip the update, keep the last good state
+                        optimizer.zero_grad(set_to_none=True)
+                        path = save(good)
+                        raise FloatingPointError(
+                            f"non-finite loss (this process: {metrics['loss'].item()}) at step {global_step + 1}; "
+                            f"the state after step {global_step} is saved in {path}")
                     grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), loop.max_grad_norm)
-                optimizer.step()
+                optimizer.step()  # these three do nothing between accumulation micro-steps
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             seen += z0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if not torch.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss'].item()} at step {global_step}")
+            if ema is not None:
+                ema.update(weights)
+            good, finite = snapshot(global_step, done), True
             if global_step % loop.log_every == 0 or global_step == loop.max_train_steps:
                 elapsed = time.perf_counter() - tic
                 last = {k: float(v) for k, v in metrics.items()}
-                last.update(lr=schedule.get_last_lr()[0], grad_norm=float(grad_norm), images_per_s=seen / elapsed)
+                last.update(lr=schedule.get_last_lr()[0], images_per_s=seen / elapsed)
+                if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+                    last["grad_norm"] = float(grad_norm)
                 log(last, global_step)
                 tic, seen = time.perf_counter(), 0
-            if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0 \
-                    and global_step < loop.max_train_steps:
-                save_transformer(accelerator, transformer, Path(out_dir) / f"checkpoint-{global_step}")
+            if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0:
+                save(good)
             if global_step >= loop.max_train_steps:
                 break
-        epoch += 1
+        epoch, start = epoch + 1, 0
+    if ema is not None:  # sampling loads transformer/: the EMA weights; the trained ones go beside them
+        save_transformer(accelerator, transformer, Path(out_dir) / "transformer_raw")
+        ema.copy_to(weights)
     save_transformer(accelerator, transformer, Path(out_dir) / "transformer")
     return last
 

@@ -15,7 +15,7 @@ PARAMS = ("data", "model", "pretrain", "mlflow")
 
 def main() -> None:
     cfg = load(PARAMS)
-    out = Path(cfg.model.base_path)
+    out = Path(cfg.model.pretrain_dir)
     captions = [r.caption for r in load_records(cfg.data.jsonl_path)]
     write_tiny_model(out, TinyArch(**dataclasses.asdict(cfg.model.tiny)), captions, seed=cfg.pretrain.seed)
     bundle = load_bundle(out)

@@ -14,7 +14,7 @@ from soar.objective import loss_denominator, soar_loss
 from soar.rollout import aux_points, aux_sigmas, cfg_velocity, ode_step, sigma_upper
 from soar.step import TextCond, training_step
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")  # closed forms in float64
 
 
 settings = step_settings

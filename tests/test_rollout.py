@@ -18,12 +18,13 @@ from soar.flow import shift_sigma, sigma_from_t, sigma_grid
 from soar.rollout import STOCHASTIC_STEPS, cps_step, flow_sde_step, ode_step, sde_step, simple_step, stochastic_step
 from soar.step import StepSettings, TextCond, build_points, draw, training_step
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")  # closed forms in float64
 
-Z = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
-V = torch.tensor([[0.5, -1.0], [2.0, 0.0]]).reshape(1, 1, 2, 2)
-EPS = torch.tensor([[1.0, 0.0], [-1.0, 2.0]]).reshape(1, 1, 2, 2)
-S0, S1 = torch.tensor([0.5]), torch.tensor([0.25])
+F64 = torch.float64
+Z = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64).reshape(1, 1, 2, 2)
+V = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=F64).reshape(1, 1, 2, 2)
+EPS = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=F64).reshape(1, 1, 2, 2)
+S0, S1 = torch.tensor([0.5], dtype=F64), torch.tensor([0.25], dtype=F64)
 GRID = sigma_grid(1000, 3.0)
 CAP = float(GRID[1])  # sigmas[1], what the step passes as sigma_cap
 

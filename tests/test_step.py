@@ -24,7 +24,7 @@ from soar.flow import loss_weight, sigma_from_t, sigma_grid
 from soar.rollout import STOCHASTIC_STEPS
 from soar.step import Draws, StepSettings, TextCond, build_points, draw, training_step
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")  # closed forms in float64
 
 GRID = sigma_grid(1000, 3.0)
 

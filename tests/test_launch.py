@@ -1,0 +1,203 @@
+"""Launch configs, profiles, and a 2-process (gloo, CPU) training run through `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import profile
+from pipeline.config import parse_config, read_params
+from soar.data.tiny_world import generate_world
+from soar.models.bundle import load_bundle
+from soar.models.tiny import TinyArch, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "pipeline" / "launch"
+ARCH = dict(sample_size=16, patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+            joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
+            text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
+FREE_FORM = {"prompt_sets", "scorers"}  # mappings whose keys are the user's names, not schema keys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def key_paths(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and k not in FREE_FORM:
+            out |= key_paths(v, f"{prefix}{k}.")
+    return out
+
+
+# --- 2-process CPU run ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """A tiny world + tiny model in tmp, a shrunk params file, `accelerate launch` with 2 gloo processes."""
+    work = tmp_path_factory.mktemp("launch")
+    generate_world(work / "world", num_images=16, image_size=16, degraded_fraction=0.0, text_fraction=0.25,
+                   num_eval_geneval=0, num_eval_ocr=0, seed=0)
+    (work / "prepared").mkdir()
+    shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
+    captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
+    write_tiny_model(work / "base", TinyArch(**ARCH), captions, seed=0)
+    params = read_params(ROOT / "params.yaml")
+    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared")
+    params["model"].update(base_path="base", models_dir="models", tiny=ARCH)
+    params["train"].update(max_train_steps=3, train_batch_size=2, log_every=1, checkpointing_steps=0)
+    params["mlflow"].update(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="launch-test")
+    params["launch"].update(num_processes=2, config_file=str(LAUNCH / "cpu_multi.yaml"))
+    parse_config(params)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, SOAR_PARAMS="params.yaml", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DVC_ROOT=str(work))
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", params["launch"]["config_file"],
+           "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+           "--tee", "3", "--log_dir", str(work / "logs"), "-m", "stages.train", "soar"]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    return work, proc
+
+
+def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
+    work, proc = two_process_run
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    ranks = {p.name for p in work.glob("logs/*/attempt_0/*") if p.is_dir()}
+    assert ranks == {"0", "1"}, ranks  # torchrun started two local workers
+    assert "[default1]:" in out  # rank 1 wrote output (the model loading) ...
+    steps = [line for line in out.splitlines() if "train:soar step " in line]
+    assert len(steps) == 3 and all(line.startswith("[default0]:") for line in steps), steps  # ... rank 0 logs
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("launch-test").experiment_id])
+    assert len(runs) == 1  # one run: only the main process opened one
+    history = client.get_metric_history(runs[0].info.run_id, "loss_aux")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_two_process_run_saves_a_trained_transformer(two_process_run):
+    work, proc = two_process_run
+    assert proc.returncode == 0
+    trained = load_file(next((work / "models" / "soar" / "transformer").glob("*.safetensors")))
+    base = load_file(next((work / "base" / "transformer").glob("*.safetensors")))
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+
+# --- accelerate / DeepSpeed config files -------------------------------------------------------------
+
+CONFIGS = {  # file -> (distributed_type, num_machines, num_processes)
+    "cpu.yaml": ("NO", 1, 1),
+    "cpu_multi.yaml": ("MULTI_GPU", 1, 2),
+    "single_gpu.yaml": ("NO", 1, 1),
+    "multi_gpu.yaml": ("MULTI_GPU", 1, 8),
+    "zero2.yaml": ("DEEPSPEED", 1, 8),
+    "multi_node.yaml": ("DEEPSPEED", 2, 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_accelerate_config_loads(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = LAUNCH / name
+    assert path.read_text().startswith("# accelerate config:")  # says when to use it
+    raw = yaml.safe_load(path.read_text())
+    for key in ("compute_environment", "distributed_type", "num_machines", "num_processes", "machine_rank"):
+        assert key in raw, (name, key)
+    cfg = ClusterConfig.from_yaml_file(str(path))  # what `accelerate launch --config_file` reads
+    kind, machines, processes = CONFIGS[name]
+    got = (str(cfg.distributed_type).split(".")[-1], cfg.num_machines, cfg.num_processes)
+    assert got == (kind, machines, processes)
+    if kind == "DEEPSPEED":
+        ds_file = ROOT / cfg.deepspeed_config["deepspeed_config_file"]
+        assert ds_file == LAUNCH / "ds_zero2.json"
+        assert cfg.mixed_precision is None  # accelerate rejects mixed_precision next to a deepspeed_config_file
+    if machines > 1:
+        assert raw["rdzv_backend"] == "static" and raw["same_network"] and raw["main_process_port"]
+        assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"  # torchrun per node, no ssh
+
+
+def test_deepspeed_json_is_zero2_with_auto_values():
+    ds = json.loads((LAUNCH / "ds_zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert ds[key] == "auto", key
+    assert ds["bf16"]["enabled"] == "auto" and ds["fp16"]["enabled"] == "auto"
+    assert "optimizer" not in ds and "scheduler" not in ds  # the trainer's AdamW and LR schedule are used
+
+
+def test_slurm_script_wraps_accelerate_launch():
+    text = (LAUNCH / "slurm_train.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(LAUNCH / "slurm_train.sbatch")]).returncode == 0
+    for piece in ("srun", "accelerate launch", "multi_node.yaml", "--machine_rank", "$SLURM_NODEID",
+                  "--main_process_ip", "--num_machines", "$SLURM_NNODES"):
+        assert piece in text, piece
+
+
+# --- profiles ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_profile_parses_and_has_the_params_keys(name):
+    raw = read_params(ROOT / "profiles" / f"{name}.yaml")
+    parse_config(raw, f"profiles/{name}.yaml")
+    assert key_paths(raw) == key_paths(read_params(ROOT / "params.yaml"))
+
+
+def test_paper_profile_values():
+    cfg = parse_config(read_params(ROOT / "profiles" / "paper.yaml"))
+    t, s = cfg.train, cfg.soar
+    assert (t.train_batch_size, cfg.launch.num_processes, t.learning_rate, t.lr_scheduler) == (4, 8, 2e-5, "constant")
+    assert (t.max_train_steps, t.checkpointing_steps, t.mixed_precision, t.gradient_checkpointing) == \
+        (5000, 1000, "bf16", True)
+    assert (t.adam_weight_decay, t.max_grad_norm, t.weighting_scheme, t.seed) == (1e-2, 1.0, "logit_normal", 42)
+    assert (s.lambda_aux, s.num_rollout_paths, s.trajectory_length, s.num_sampling_steps) == (1.0, 1, 6, 40)
+    assert (s.sde_rollout_type, s.sde_noise_scale, s.cfg_scale_sampling) == ("flow_sde", 0.5, 4.5)
+    assert (cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.resolution) == (40, 4.5, 512)
+    assert cfg.data.quality_threshold == 6.8
+    assert (ROOT / cfg.launch.config_file).is_file()
+    with pytest.raises(FileNotFoundError, match=cfg.model.base_path):  # the placeholder path is named
+        load_bundle(cfg.model.base_path)
+
+
+def test_profile_cli_round_trips(tmp_path):
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    (tmp_path / "params.yaml").write_bytes((ROOT / "profiles" / "tiny.yaml").read_bytes())
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.profile", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+
+    proc = cli("paper")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "params.yaml").read_bytes() == (ROOT / "profiles" / "paper.yaml").read_bytes()
+    assert profile.current(tmp_path) == "paper"
+    assert cli("tiny").returncode == 0
+    assert (tmp_path / "params.yaml").read_bytes() == (ROOT / "profiles" / "tiny.yaml").read_bytes()
+    # an edited params.yaml is not overwritten without --force
+    (tmp_path / "params.yaml").write_text((ROOT / "profiles" / "tiny.yaml").read_text().replace("seed: 42", "seed: 7"))
+    proc = cli("paper")
+    assert proc.returncode == 1 and "matches no profile" in proc.stderr
+    assert profile.switch(tmp_path, "paper", force=True) == tmp_path / "params.yaml"
+    assert profile.current(tmp_path) == "paper"
+    proc = cli("nope")
+    assert proc.returncode == 1 and "no profile 'nope'" in proc.stderr
