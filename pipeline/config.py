@@ -48,6 +48,8 @@ class DataConfig:
     quality_threshold: float  # keep images whose quality score is >= this
     prepared_dir: str  # output of prepare: filtered train.jsonl and report.json
     dataloader_num_workers: int  # DataLoader worker processes (0 = in the main process)
+    text_cache: str | None  # text-embedding cache the embed stage writes and train@* read; null = encode per run
+    text_cache_dtype: Literal["float32", "bfloat16", "float16"]  # storage dtype of the cached embeddings
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,18 @@ class TrainConfig:
     gradient_checkpointing: bool  # recompute activations in backward to save memory
     cond_dropout_rate: float  # per-sample probability of training on the empty prompt
     log_every: int  # log metrics every this many optimiser steps
+    validation_steps: int  # sample the validation prompts every this many optimiser steps, to MLflow (0 = off)
+    validation_prompts: list[str]  # fixed validation prompts, one image each (grid validation/step_XXXXXX.png)
+    validation_num_inference_steps: int  # Euler steps per validation image
+    validation_guidance_scale: float  # CFG scale of the validation images
+    validation_resolution: int  # side of the validation images, pixels
+    validation_seed: int  # base seed; validation image i uses its own generator from (seed, i)
 
     def validate(self, where: str) -> None:
-        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"):
+        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+                    "validation_num_inference_steps", "validation_resolution"):
             require(getattr(self, key) >= 1, where, key, "must be >= 1")
+        require(self.validation_steps >= 0, where, "validation_steps", "must be >= 0")
         require(self.learning_rate > 0, where, "learning_rate", "must be > 0")
         require(0 <= self.cond_dropout_rate < 1, where, "cond_dropout_rate", "must be in [0, 1)")
         require(self.checkpointing_steps >= 0, where, "checkpointing_steps", "must be >= 0")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 
 from pipeline.config import SoarConfig, TrainConfig
 from pipeline.tracking import stage_run
 from soar.data.jsonl import read_training_records
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings
+from soar.text_cache import free_text_encoders, load_cache
 from soar.trainer import LoopSettings, train
+from soar.validation import ValidationSettings, image_grid
+
+VALIDATION_DIR = "validation"  # MLflow artifact folder of the validation grids
 
 
 def step_settings(t: TrainConfig, soar: SoarConfig | None) -> StepSettings:
@@ -42,6 +49,26 @@ def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
         ema_decay=t.ema_decay)
 
 
+def validation_settings(t: TrainConfig) -> ValidationSettings:
+    """The ``validation_*`` keys of a ``train`` or ``pretrain`` section."""
+    return ValidationSettings(every=t.validation_steps, prompts=tuple(t.validation_prompts),
+                              steps=t.validation_num_inference_steps, guidance_scale=t.validation_guidance_scale,
+                              resolution=t.validation_resolution, seed=t.validation_seed)
+
+
+def validation_logger(run, stage: str, method: str):
+    """Callback saving each step's validation images as one grid, ``validation/step_XXXXXX.png`` in MLflow."""
+    def on_validation(images: np.ndarray, step: int) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"step_{step:06d}.png"
+            Image.fromarray(image_grid(images)).save(path)
+            run.log_artifact(path, VALIDATION_DIR)
+        print(f"{stage}:{method} validation at step {step}: {len(images)} images -> {VALIDATION_DIR}/{path.name}",
+              flush=True)
+
+    return on_validation
+
+
 def load_records(jsonl_path: str | Path) -> list[dict]:
     """Training records; any malformed line is an error here (prepare is where lines get dropped)."""
     records, problems = read_training_records(jsonl_path)
@@ -52,11 +79,23 @@ def load_records(jsonl_path: str | Path) -> list[dict]:
 
 def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
-                 params: dict, dataloader_num_workers: int = 0) -> dict[str, float]:
-    """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0."""
+                 params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
+                 model_dir: str | Path | None = None) -> dict[str, float]:
+    """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0.
+
+    ``text_cache``: the embed stage's file, checked against the text encoders of ``model_dir`` (the
+    bundle's folder); the encoders are then dropped. None: captions are encoded once at the start.
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
     records = load_records(jsonl_path)
+    text = None
+    if text_cache is not None:
+        if model_dir is None:
+            raise ValueError("run_training: text_cache needs model_dir (the folder whose encoders built it)")
+        text = load_cache(text_cache, model_dir, t5_max_length=bundle.t5_max_length,
+                          joint_attention_dim=bundle.transformer.config.joint_attention_dim)
+        free_text_encoders(bundle)
     with stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process) as run:
         def log(metrics: dict[str, float], step: int) -> None:
             run.log_metrics(metrics, step=step)
@@ -65,7 +104,8 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                 print(f"{stage}:{method} step {step}/{t.max_train_steps} {shown}", flush=True)
 
         final = train(bundle, records, image_dir, loop_settings(t, dataloader_num_workers), step_settings(t, soar),
-                      out_dir, accelerator, log)
+                      out_dir, accelerator, log, text=text, validation=validation_settings(t),
+                      on_validation=validation_logger(run, stage, method))
         run.log_metrics({f"final/{k}": v for k, v in final.items()})
     accelerator.end_training()
     return final

@@ -1,9 +1,12 @@
 """The training loop around ``soar.step.training_step`` (SFT, SOAR and tiny pretraining).
 
 Runs under ``accelerate launch`` (one or many processes); only the main process logs and writes
-files, and every process waits for it. The loop: encode every caption once (in-memory text-embedding
-cache), then for each optimiser step draw a bucketed batch, encode images to latents, run one step,
-check the loss is finite on every process, clip, update, update the EMA, log, checkpoint.
+files, and every process waits for it. The loop: take the captions' text embeddings from a text table
+(``soar.text_cache``: the ``embed`` stage's file, or every distinct caption encoded once in memory when
+none is given) and move the text encoders off the accelerator, then for each optimiser step draw a
+bucketed batch, encode images to latents, run one step, check the loss is finite on every process,
+clip, update, update the EMA, log, checkpoint, and every ``validation.every`` steps sample the fixed
+validation prompts on the main process (``soar.validation``) and hand the images to a callback.
 
 State and failures (checkpoint format and atomic writes: ``soar.checkpoint``):
 
@@ -25,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
@@ -36,9 +40,11 @@ from soar.ema import EMA
 from soar.flow import TIMESTEP_SCALE, sigma_grid
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings, TextCond, training_step
+from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
+from soar.validation import ValidationSettings, validation_images
 
 Logger = Callable[[dict[str, float], int], None]
-CAPTION_BATCH = 256  # captions per text-encoder call when filling the cache
+OnValidation = Callable[[np.ndarray, int], None]  # (images [N, H, W, 3] uint8, step); main process only
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,18 @@ class LoopSettings:
     ema_decay: float | None = None  # EMA of the weights with this decay (None = off)
 
 
-def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> tuple[dict[str, int], TextCond]:
-    """Encode each distinct caption once: ``(caption -> row, TextCond [U, L, D] / [U, P])``."""
-    unique = sorted(set(captions))
-    embeds, pooled = [], []
-    for lo in range(0, len(unique), CAPTION_BATCH):
-        e, p = bundle.encode_prompts(unique[lo:lo + CAPTION_BATCH])
-        embeds.append(e)
-        pooled.append(p)
-    return {c: i for i, c in enumerate(unique)}, TextCond(torch.cat(embeds), torch.cat(pooled))
+def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> TextTable:
+    """Encode each distinct caption once, ``CAPTION_BATCH`` per encoder call, into an in-memory text table."""
+    return encode_table(bundle, captions, batch=CAPTION_BATCH)
+
+
+def offload_text_encoders(bundle: SD3Bundle) -> None:
+    """Move the text encoders to the CPU: training reads embeddings from the text table only."""
+    for module in (*bundle.clip_encoders, bundle.t5_encoder):
+        if module is not None:
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def make_velocity(transformer) -> Callable:
@@ -116,15 +125,31 @@ def configure_deepspeed(accelerator: Accelerator, loop: LoopSettings, step: Step
 
 
 def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSettings, step: StepSettings,
-          out_dir: str | Path, accelerator: Accelerator, log: Logger) -> dict[str, float]:
-    """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format."""
+          out_dir: str | Path, accelerator: Accelerator, log: Logger, *, text: TextTable | None = None,
+          validation: ValidationSettings | None = None, on_validation: OnValidation | None = None) -> dict[str, float]:
+    """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format.
+
+    ``text``: the captions' embeddings (e.g. ``soar.text_cache.load_cache``), holding every training
+    caption, "" and the validation prompts; None encodes them here, once. ``on_validation(images, step)``
+    receives the validation images on the main process every ``validation.every`` steps.
+    """
     device = accelerator.device
-    bundle.to(device)
+    if text is None:  # encode on the accelerator, then the encoders leave it
+        bundle.to(device)
+        prompts = validation.prompts if validation is not None and validation.enabled else ()
+        text = encode_captions(bundle, [*(r.caption for r in records), "", *prompts])
+    else:
+        bundle.transformer.to(device)
+        bundle.codec.to(device)
+    offload_text_encoders(bundle)
     transformer = bundle.transformer.train().requires_grad_(True)
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    row_of, text = encode_captions(bundle, [r.caption for r in records])
-    uncond = TextCond(*bundle.encode_prompts([""]))
+    text.index([r.caption for r in records])  # every caption is there (else a KeyError naming it), before step 1
+    uncond = TextCond(*text.lookup([""], device))
+    validate = validation is not None and validation.enabled and on_validation is not None
+    if validate:
+        text.index(validation.prompts)
     shift = float(bundle.scheduler.config.shift)  # the scheduler's sigmas: grid and continuous shift(u)
     grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
@@ -177,10 +202,10 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         sampler.set_epoch(epoch, start_batch=start)
         for batch in loader:
             with oom_names_settings(loop, step):
-                rows = torch.tensor([row_of[c] for c in batch["captions"]], device=device)
+                cond = TextCond(*text.lookup(batch["captions"], device))
                 z0 = bundle.codec.encode(batch["pixels"].to(device), generator=gen)
                 with accelerator.accumulate(transformer), accelerator.autocast():
-                    metrics = training_step(velocity, z0, text.take(rows), uncond, grid, step, gen,
+                    metrics = training_step(velocity, z0, cond, uncond, grid, step, gen,
                                             backward=accelerator.backward, reduce_counts=reduce_counts,
                                             world_size=accelerator.num_processes, shift=shift,
                                             no_sync=lambda: accelerator.no_sync(transformer))
@@ -213,6 +238,10 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
                     last["grad_norm"] = float(grad_norm)
                 log(last, global_step)
                 tic, seen = time.perf_counter(), 0
+            if validate and validation.due(global_step) and accelerator.is_main_process:
+                with accelerator.autocast():
+                    images = validation_images(bundle, accelerator.unwrap_model(transformer), text, validation)
+                on_validation(images, global_step)
             if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0:
                 save(good)
             if global_step >= loop.max_train_steps:

@@ -25,7 +25,8 @@ def main(method: str) -> None:
     prepared = Path(cfg.data.prepared_dir) / "train.jsonl"
     run_training(bundle, cfg.train, cfg.soar, prepared, cfg.data.image_dir, out, stage="train", method=method,
                  mlflow_cfg=cfg.mlflow, params=declared(cfg, params),
-                 dataloader_num_workers=cfg.data.dataloader_num_workers)
+                 dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
+                 model_dir=cfg.model.base_path)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,12 @@ def two_process_run(tmp_path_factory):
     captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
     write_tiny_model(work / "base", TinyArch(**ARCH), captions, seed=0)
     params = read_params(ROOT / "params.yaml")
-    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared")
+    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared",
+                          text_cache="cache/text.pt")
     params["model"].update(base_path="base", models_dir="models", tiny=ARCH)
-    params["train"].update(max_train_steps=3, train_batch_size=2, log_every=1, checkpointing_steps=0)
+    params["train"].update(max_train_steps=3, train_batch_size=2, log_every=1, checkpointing_steps=0,
+                           validation_steps=2, validation_num_inference_steps=2,
+                           validation_resolution=ARCH["sample_size"])
     params["mlflow"].update(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="launch-test")
     params["launch"].update(num_processes=2, config_file=str(LAUNCH / "cpu_multi.yaml"))
     parse_config(params)
@@ -69,6 +72,7 @@ def two_process_run(tmp_path_factory):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", params["launch"]["config_file"],
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
            "--tee", "3", "--log_dir", str(work / "logs"), "-m", "stages.train", "soar"]
+    subprocess.run([sys.executable, "-m", "stages.embed"], cwd=work, env=env, check=True, timeout=300)
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     return work, proc
 
@@ -82,14 +86,18 @@ def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
     assert "[default1]:" in out  # rank 1 wrote output (the model loading) ...
     steps = [line for line in out.splitlines() if "train:soar step " in line]
     assert len(steps) == 3 and all(line.startswith("[default0]:") for line in steps), steps  # ... rank 0 logs
+    shown = [line for line in out.splitlines() if "validation at step" in line]
+    assert len(shown) == 1 and shown[0].startswith("[default0]:"), shown  # step 2, rank 0 only
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("launch-test").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("launch-test").experiment_id],
+                              filter_string="tags.stage = 'train'")  # (the embed stage has its own run)
     assert len(runs) == 1  # one run: only the main process opened one
     history = client.get_metric_history(runs[0].info.run_id, "loss_aux")
     assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation")] == ["validation/step_000002.png"]
 
 
 def test_two_process_run_saves_a_trained_transformer(two_process_run):

@@ -1,0 +1,44 @@
+"""Stage `embed`: encode every training caption, "" and the validation prompts once into the text cache.
+
+train@sft and train@soar read the cache (``soar.text_cache``) instead of running the text encoders.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.tracking import stage_run
+from soar.data.jsonl import read_training_records
+from soar.models.bundle import load_bundle
+from soar.text_cache import build_cache
+from stages.common import declared, load
+
+PARAMS = ("data", "model", "train", "mlflow")
+
+
+def main() -> None:
+    cfg = load(PARAMS)
+    if cfg.data.text_cache is None:
+        raise SystemExit("data.text_cache is null: nothing to build (train@* encode the captions in memory)")
+    jsonl = Path(cfg.data.prepared_dir) / "train.jsonl"
+    records, problems = read_training_records(jsonl)
+    if problems:
+        raise ValueError(f"{jsonl}: {len(problems)} malformed line(s), first: {problems[0]}")
+    captions = {r.caption for r in records} | {""} | set(cfg.train.validation_prompts)
+    bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length)
+    bundle.to("cuda" if torch.cuda.is_available() else "cpu")
+    with stage_run(cfg.mlflow, "embed", "text", declared(cfg, PARAMS)) as run:
+        tic = time.perf_counter()
+        table = build_cache(bundle, cfg.model.base_path, captions, cfg.data.text_cache,
+                            dtype=cfg.data.text_cache_dtype)
+        seconds = time.perf_counter() - tic
+        run.log_metrics({"captions": len(table.rows), "seconds": seconds})
+    print(f"embed: {len(table.rows)} captions -> {cfg.data.text_cache} "
+          f"{tuple(table.embeds.shape)} {cfg.data.text_cache_dtype} in {seconds:.2f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Validation images: right steps and count, deterministic, main process only, logged as one grid per step."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from test_text_cache import LOOP, RECORDS, STEP, open_cache, world  # noqa: F401  (world: shared fixture)
+
+from pipeline.training import validation_logger
+from soar.models.bundle import load_bundle
+from soar.text_cache import build_cache
+from soar.trainer import train
+from soar.validation import ValidationSettings, image_grid, validation_images
+
+PROMPTS = ("a photo of a red circle", "a photo of a green triangle")
+SETTINGS = ValidationSettings(every=2, prompts=PROMPTS, steps=3, guidance_scale=4.5, resolution=16, seed=7)
+LOOP4 = LOOP.__class__(**{**LOOP.__dict__, "max_train_steps": 4})
+
+
+def run(world, out, validation=SETTINGS, main=True, loop=LOOP4):  # noqa: F811
+    calls = []
+    bundle = load_bundle(world / "model")
+    with mock.patch.object(Accelerator, "is_main_process", new_callable=mock.PropertyMock, return_value=main):
+        train(bundle, RECORDS, world / "images", loop, STEP, out, Accelerator(cpu=True), lambda m, s: None,
+              validation=validation, on_validation=lambda images, step: calls.append((step, images)))
+    return calls, bundle
+
+
+def test_validation_at_every_nth_step_deterministic_and_training_unchanged(world, tmp_path):  # noqa: F811
+    calls, bundle = run(world, tmp_path / "a")
+    assert [s for s, _ in calls] == [2, 4]
+    for _, images in calls:
+        assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert not np.array_equal(calls[0][1], calls[1][1])  # the weights moved between steps 2 and 4
+    assert bundle.transformer.training  # back in train mode after sampling
+    # same weights + same seeds -> same images (prompts looked up in a text-embedding cache file)
+    build_cache(load_bundle(world / "model"), world / "model", [*PROMPTS, ""], tmp_path / "v.pt")
+    cached = open_cache(world, tmp_path / "v.pt")
+    first = validation_images(bundle, bundle.transformer, cached, SETTINGS)
+    assert np.array_equal(first, validation_images(bundle, bundle.transformer, cached, SETTINGS))
+    # validation draws nothing from the training generator: same trained weights with it off
+    _, plain = run(world, tmp_path / "b", validation=None)
+    for p, q in zip(bundle.transformer.parameters(), plain.transformer.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_nothing_is_sampled_or_logged_on_other_processes(world, tmp_path):  # noqa: F811
+    every_step = ValidationSettings(every=1, prompts=PROMPTS, steps=2, guidance_scale=4.5, resolution=16, seed=7)
+    calls, _ = run(world, tmp_path / "c", validation=every_step, main=False, loop=LOOP)
+    assert calls == []
+
+
+def test_validation_off_or_without_prompts():
+    assert not ValidationSettings(every=0, prompts=PROMPTS, steps=1, guidance_scale=1, resolution=8, seed=0).enabled
+    assert not ValidationSettings(every=5, prompts=(), steps=1, guidance_scale=1, resolution=8, seed=0).due(5)
+    assert SETTINGS.due(4) and not SETTINGS.due(3)
+
+
+def test_logger_writes_one_grid_per_step():
+    images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
+    saved = []
+
+    class FakeRun:
+        def log_artifact(self, path, artifact_path=None):
+            saved.append((path.name, artifact_path, np.asarray(Image.open(path))))
+
+    validation_logger(FakeRun(), "train", "soar")(images, 100)
+    (name, folder, grid), = saved
+    assert (name, folder) == ("step_000100.png", "validation")
+    assert grid.shape == (4, 3 * 4 + 2 * 2, 3) and np.array_equal(grid, image_grid(images))
+    assert (grid[:, 4:6] == 255).all() and (grid[:, :4] == 10).all()
+
+
+@pytest.mark.parametrize("n,cols,shape", [(4, 2, (2 * 8 + 2, 2 * 8 + 2, 3)), (3, None, (8, 3 * 8 + 4, 3))])
+def test_image_grid_shapes(n, cols, shape):
+    assert image_grid(np.zeros((n, 8, 8, 3), np.uint8), columns=cols).shape == shape
