@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.config import SoarConfig, TrainConfig
 from pipeline.tracking import stage_run
-from soar.data.jsonl import read_training_records
+from soar.data.jsonl import read_clean_records
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings
 from soar.text_cache import free_text_encoders, load_cache
@@ -69,14 +69,6 @@ def validation_logger(run, stage: str, method: str):
     return on_validation
 
 
-def load_records(jsonl_path: str | Path) -> list[dict]:
-    """Training records; any malformed line is an error here (prepare is where lines get dropped)."""
-    records, problems = read_training_records(jsonl_path)
-    if problems:
-        raise ValueError(f"{jsonl_path}: {len(problems)} malformed line(s), first: {problems[0]}")
-    return records
-
-
 def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
@@ -88,7 +80,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
-    records = load_records(jsonl_path)
+    records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
     text = None
     if text_cache is not None:
         if model_dir is None:

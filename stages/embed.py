@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.tracking import stage_run
-from soar.data.jsonl import read_training_records
+from soar.data.jsonl import read_clean_records
 from soar.models.bundle import load_bundle
 from soar.text_cache import build_cache
 from stages.common import declared, load
@@ -24,9 +24,7 @@ def main() -> None:
     if cfg.data.text_cache is None:
         raise SystemExit("data.text_cache is null: nothing to build (train@* encode the captions in memory)")
     jsonl = Path(cfg.data.prepared_dir) / "train.jsonl"
-    records, problems = read_training_records(jsonl)
-    if problems:
-        raise ValueError(f"{jsonl}: {len(problems)} malformed line(s), first: {problems[0]}")
+    records = read_clean_records(jsonl)
     captions = {r.caption for r in records} | {""} | set(cfg.train.validation_prompts)
     bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length)
     bundle.to("cuda" if torch.cuda.is_available() else "cpu")

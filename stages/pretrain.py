@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.training import load_records, run_training
+from pipeline.training import run_training
+from soar.data.jsonl import read_clean_records
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, write_tiny_model
 from stages.common import declared, load
@@ -16,7 +17,7 @@ PARAMS = ("data", "model", "pretrain", "mlflow")
 def main() -> None:
     cfg = load(PARAMS)
     out = Path(cfg.model.pretrain_dir)
-    captions = [r.caption for r in load_records(cfg.data.jsonl_path)]
+    captions = [r.caption for r in read_clean_records(cfg.data.jsonl_path)]
     write_tiny_model(out, TinyArch(**dataclasses.asdict(cfg.model.tiny)), captions, seed=cfg.pretrain.seed)
     bundle = load_bundle(out)
     run_training(bundle, cfg.pretrain, None, cfg.data.jsonl_path, cfg.data.image_dir, out, stage="pretrain",

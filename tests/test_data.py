@@ -287,3 +287,14 @@ def test_sampler_start_batch_resumes_the_tail():
 def test_sampler_rejects_too_few_batches():
     with pytest.raises(ValueError, match="fewer than world_size"):
         BucketBatchSampler([(8, 8)] * 5, 4, seed=0, world_size=2)
+
+
+def test_read_clean_records_refuses_malformed_lines(tmp_path):
+    from soar.data.jsonl import read_clean_records
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"md5": "a", "caption_en": "x", "bw": 8, "bh": 8}\n{"md5": "b", "caption_en": "y"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl: 1 malformed line\(s\), first: .*train.jsonl:2"):
+        read_clean_records(path)
+    path.write_text('{"md5": "a", "caption_en": "x", "bw": 8, "bh": 8}\n')
+    assert [r.md5 for r in read_clean_records(path)] == ["a"]

@@ -186,3 +186,11 @@ def _iter_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any], str | N
                 yield line_no, {}, f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"
                 continue
             yield line_no, obj, None
+
+
+def read_clean_records(path: str | Path) -> list[TrainingRecord]:
+    """Records of a training JSONL that must be clean (after prepare): any malformed line is an error."""
+    records, problems = read_training_records(path)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} malformed line(s), first: {problems[0]}")
+    return records
