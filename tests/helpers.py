@@ -13,3 +13,10 @@ PAPER_STEP = dict(lambda_aux=1.0, num_rollout_paths=1, trajectory_length=6, num_
 def step_settings(**overrides) -> StepSettings:
     """The paper's step settings with ``overrides``."""
     return StepSettings(**{**PAPER_STEP, **overrides})
+
+
+TINY_ARCH = dict(sample_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                 joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
+                 text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)  # seconds-scale test model
+TRAIN_CAPTIONS = ["a photo of a red circle", "a photo of two blue squares", 'a sign that says "CAT"',
+                  "a photo of a green triangle"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import step_settings
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,11 +27,8 @@ from soar.models.tiny import TinyArch, write_tiny_model
 from soar.trainer import LoopSettings, oom_names_settings, train
 
 TESTS = Path(__file__).resolve().parent
-ARCH = TinyArch(sample_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-                joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
-                text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
-CAPTIONS = ["a photo of a red circle", "a photo of two blue squares", 'a sign that says "CAT"',
-            "a photo of a green triangle"]
+ARCH = TinyArch(**TINY_ARCH)
+CAPTIONS = TRAIN_CAPTIONS
 RECORDS = [TrainingRecord(md5=f"img{i}", caption=CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
 LOOP = dict(seed=3, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=2, adam_weight_decay=1e-2,
             max_grad_norm=1.0, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=6,

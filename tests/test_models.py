@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from helpers import TINY_ARCH
 
 from soar.data.prompts import read_prompt_set
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, build_clip_tokenizer, caption_words, write_tiny_model
 from soar.sampling import image_seed, sample, sampling_sigmas
 
-ARCH = TinyArch(sample_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-                joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
-                text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
+ARCH = TinyArch(**TINY_ARCH)
 CAPTIONS = ["a photo of a red circle", 'a sign that says "CAT"', "a photo of two blue squares"]
 
 

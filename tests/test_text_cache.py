@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import step_settings
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings
 from PIL import Image
 from test_dvc_deps import STAGES, project_sources
 
@@ -16,11 +16,8 @@ from soar.models.tiny import TinyArch, build_text_encoder, write_tiny_model
 from soar.text_cache import build_cache, load_cache
 from soar.trainer import LoopSettings, train
 
-ARCH = TinyArch(sample_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-                joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
-                text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
-CAPTIONS = ["a photo of a red circle", "a photo of two blue squares", 'a sign that says "CAT"',
-            "a photo of a green triangle"]
+ARCH = TinyArch(**TINY_ARCH)
+CAPTIONS = TRAIN_CAPTIONS
 RECORDS = [TrainingRecord(md5=f"img{i}", caption=CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
 LOOP = LoopSettings(seed=1, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, adam_weight_decay=0.0,
                     max_grad_norm=1.0, train_batch_size=2, gradient_accumulation_steps=1, max_train_steps=2,
