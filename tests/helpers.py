@@ -20,3 +20,20 @@ TINY_ARCH = dict(sample_size=16, patch_size=4, num_layers=1, num_attention_heads
                  text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)  # seconds-scale test model
 TRAIN_CAPTIONS = ["a photo of a red circle", "a photo of two blue squares", 'a sign that says "CAT"',
                   "a photo of a green triangle"]
+
+
+def write_tiny_training_world(root):
+    """A tiny model folder and 8 random 16x16 training images under ``root``: ``(model_dir, image_dir, records)``."""
+    import numpy as np
+    from PIL import Image
+
+    from soar.data.jsonl import TrainingRecord
+    from soar.models.tiny import TinyArch, write_tiny_model
+
+    records = [TrainingRecord(md5=f"img{i}", caption=TRAIN_CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
+    write_tiny_model(root / "model", TinyArch(**TINY_ARCH), TRAIN_CAPTIONS, seed=0)
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for r in records:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(r.image_path(root / "images"))
+    return root / "model", root / "images", records

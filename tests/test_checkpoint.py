@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings
-from PIL import Image
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings, write_tiny_training_world
 from safetensors.torch import load_file
 
 import soar.trainer as trainer
@@ -23,7 +21,7 @@ from soar import checkpoint
 from soar.data.jsonl import TrainingRecord
 from soar.ema import EMA
 from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch, write_tiny_model
+from soar.models.tiny import TinyArch
 from soar.trainer import LoopSettings, oom_names_settings, train
 
 TESTS = Path(__file__).resolve().parent
@@ -47,13 +45,8 @@ def run_train(model_dir: str | Path, image_dir: str | Path, out_dir: str | Path,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ckpt_world")
-    write_tiny_model(root / "model", ARCH, CAPTIONS, seed=0)
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    for r in RECORDS:
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(r.image_path(root / "images"))
-    return root / "model", root / "images"
+    model_dir, image_dir, _ = write_tiny_training_world(tmp_path_factory.mktemp("ckpt_world"))
+    return model_dir, image_dir
 
 
 def assert_same(a, b, where: str = "") -> None:

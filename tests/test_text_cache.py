@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings
-from PIL import Image
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings, write_tiny_training_world
 from test_dvc_deps import STAGES, project_sources
 
 from soar.data.jsonl import TrainingRecord
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.models.tiny import TinyArch, build_text_encoder, write_tiny_model
+from soar.models.tiny import TinyArch, build_text_encoder
 from soar.text_cache import build_cache, load_cache
 from soar.trainer import LoopSettings, train
 
@@ -28,11 +26,7 @@ STEP = step_settings(trajectory_length=2)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_cache")
-    write_tiny_model(root / "model", ARCH, CAPTIONS, seed=0)
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    for r in RECORDS:
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(r.image_path(root / "images"))
+    write_tiny_training_world(root)
     bundle = load_bundle(root / "model")
     build_cache(bundle, root / "model", [*CAPTIONS, ""], root / "cache" / "text.pt")
     return root
