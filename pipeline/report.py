@@ -48,7 +48,7 @@ def results_table(metrics: Mapping[str, Mapping[str, float]]) -> tuple[str, str]
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def image_grid(samples_root: Path, sets: Sequence[str], prompts_per_set: int,
+def comparison_grid(samples_root: Path, sets: Sequence[str], prompts_per_set: int,
                models: Sequence[str] = MODELS) -> Image.Image:
     """Rows: the first ``prompts_per_set`` prompts of each set (image 0, same seed); columns: models."""
     rows = []

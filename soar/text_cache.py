@@ -152,10 +152,6 @@ def load_cache(path: str | Path, model_dir: str | Path, *, t5_max_length: int, j
 
 def free_text_encoders(bundle) -> None:
     """Drop the text encoders from ``bundle`` (and from the accelerator): training reads embeddings only."""
-    for enc in (*bundle.clip_encoders, bundle.t5_encoder):
-        if enc is not None:
-            enc.to("cpu")
+    bundle.offload_text_encoders()
     bundle.clip_encoders, bundle.clip_tokenizers = [], []
     bundle.t5_encoder, bundle.t5_tokenizer = None, None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

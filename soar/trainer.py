@@ -74,15 +74,6 @@ def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> TextTable:
     return encode_table(bundle, captions, batch=CAPTION_BATCH)
 
 
-def offload_text_encoders(bundle: SD3Bundle) -> None:
-    """Move the text encoders to the CPU: training reads embeddings from the text table only."""
-    for module in (*bundle.clip_encoders, bundle.t5_encoder):
-        if module is not None:
-            module.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def make_velocity(transformer) -> Callable:
     """The model as ``velocity(z, sigma, embeds, pooled)``; timestep = sigma * 1000 for every point."""
 
@@ -141,7 +132,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
     else:
         bundle.transformer.to(device)
         bundle.codec.to(device)
-    offload_text_encoders(bundle)
+    bundle.offload_text_encoders()
     transformer = bundle.transformer.train().requires_grad_(True)
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

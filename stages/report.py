@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.report import MODELS, image_grid, results_table
+from pipeline.report import MODELS, comparison_grid, results_table
 from pipeline.tracking import stage_run
 from stages.common import declared, load
 
@@ -25,7 +25,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.md").write_text("# Results (tiny-world metrics; see README)\n\n" + md)
     (OUT / "results.csv").write_text(csv_text)
-    image_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts).save(OUT / "grid.png")
+    grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts)
+    grid.save(OUT / "grid.png")
     print(md)
     with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS)) as run:
         for m, values in metrics.items():

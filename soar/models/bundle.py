@@ -48,6 +48,14 @@ class SD3Bundle:
         self.codec.to(device)
         return self
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU (training reads embeddings from a text table only)."""
+        for module in (*self.clip_encoders, self.t5_encoder):
+            if module is not None:
+                module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (``prompt_embeds [B, L, joint_attention_dim]``, ``pooled [B, pooled_dim]``)."""
