@@ -44,7 +44,10 @@ class Scorer(ABC):
 
 ScorerFactory = Callable[..., Scorer]
 _REGISTRY: dict[str, ScorerFactory] = {}
-BUILTIN_SCORER_MODULES = ("soar.rewards.geneval", "soar.rewards.ocr")  # imported on first lookup
+BUILTIN_SCORER_MODULES = (  # imported on first lookup; heavy engines load inside their factories
+    "soar.rewards.geneval", "soar.rewards.ocr", "soar.rewards.clip_scores", "soar.rewards.hps",
+    "soar.rewards.image_reward",
+)
 
 
 def _load_builtins() -> None:

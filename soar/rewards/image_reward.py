@@ -1,0 +1,1 @@
+"""Scorer module being written (issue #5); registers nothing yet."""
