@@ -50,6 +50,7 @@ class DataConfig:
     dataloader_num_workers: int  # DataLoader worker processes (0 = in the main process)
     text_cache: str | None  # text-embedding cache the embed stage writes and train@* read; null = encode per run
     text_cache_dtype: Literal["float32", "bfloat16", "float16"]  # storage dtype of the cached embeddings
+    latent_cache: str | None  # folder of per-image VAE posterior moments, filled once by train@* (null = per step)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class TrainConfig:
     checkpoints_total_limit: int | None  # keep this many newest checkpoints, the oldest deleted (null = all)
     resume_from_checkpoint: str | None  # null = fresh; "latest" = newest under <out>/checkpoints; or a folder
     ema_decay: float | None  # EMA of the weights per optimiser step (e.g. 0.999), saved as transformer/; null = off
+    optimizer: Literal["adamw", "adamw_8bit"]  # torch AdamW, or bitsandbytes 8-bit AdamW (extra "bnb")
+    lora_rank: int | None  # null = full fine-tuning; r = train peft LoRA adapters of rank r (saved merged)
+    lora_alpha: float  # LoRA scale numerator: update = (lora_alpha / lora_rank) * B @ A
+    lora_target_modules: list[str]  # names of the linear layers LoRA wraps (SD3 attention projections)
     weighting_scheme: WeightingScheme  # timestep density and loss weight, as in SD3 training
     logit_mean: float  # mean of the logit-normal timestep density
     logit_std: float  # std of the logit-normal timestep density
@@ -134,6 +139,9 @@ class TrainConfig:
         require(self.resume_from_checkpoint is None or self.resume_from_checkpoint.strip() != "", where,
                 "resume_from_checkpoint", 'must be null, "latest" or a checkpoint folder')
         require(self.ema_decay is None or 0 < self.ema_decay < 1, where, "ema_decay", "must be null or in (0, 1)")
+        require(self.lora_rank is None or self.lora_rank >= 1, where, "lora_rank", "must be null or >= 1")
+        require(self.lora_rank is None or len(self.lora_target_modules) > 0, where, "lora_target_modules",
+                "must name at least one module when lora_rank is set")
 
 
 @dataclass(frozen=True)

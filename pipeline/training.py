@@ -13,6 +13,8 @@ from PIL import Image
 from pipeline.config import SoarConfig, TrainConfig
 from pipeline.tracking import stage_run
 from soar.data.jsonl import read_clean_records
+from soar.finetune import LoraSettings
+from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings
 from soar.text_cache import free_text_encoders, load_cache
@@ -46,7 +48,8 @@ def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
         checkpointing_steps=t.checkpointing_steps, gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=dataloader_num_workers, log_every=t.log_every,
         checkpoints_total_limit=t.checkpoints_total_limit, resume_from_checkpoint=t.resume_from_checkpoint,
-        ema_decay=t.ema_decay)
+        ema_decay=t.ema_decay, optimizer=t.optimizer,
+        lora=None if t.lora_rank is None else LoraSettings(t.lora_rank, t.lora_alpha, tuple(t.lora_target_modules)))
 
 
 def validation_settings(t: TrainConfig) -> ValidationSettings:
@@ -72,16 +75,22 @@ def validation_logger(run, stage: str, method: str):
 def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
-                 model_dir: str | Path | None = None) -> dict[str, float]:
+                 model_dir: str | Path | None = None, latent_cache: str | Path | None = None) -> dict[str, float]:
     """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0.
 
     ``text_cache``: the embed stage's file, checked against the text encoders of ``model_dir`` (the
     bundle's folder); the encoders are then dropped. None: captions are encoded once at the start.
+    ``latent_cache``: folder of the VAE latent cache (keyed by ``model_dir``'s codec files); None: encode per step.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
     records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
     text = None
+    latents = None
+    if latent_cache is not None:
+        if model_dir is None:
+            raise ValueError("run_training: latent_cache needs model_dir (the folder whose codec encodes it)")
+        latents = LatentCache(latent_cache, codec_key(model_dir))
     if text_cache is not None:
         if model_dir is None:
             raise ValueError("run_training: text_cache needs model_dir (the folder whose encoders built it)")
@@ -97,7 +106,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
 
         final = train(bundle, records, image_dir, loop_settings(t, dataloader_num_workers), step_settings(t, soar),
                       out_dir, accelerator, log, text=text, validation=validation_settings(t),
-                      on_validation=validation_logger(run, stage, method))
+                      on_validation=validation_logger(run, stage, method), latents=latents)
         run.log_metrics({f"final/{k}": v for k, v in final.items()})
     accelerator.end_training()
     return final

@@ -17,7 +17,10 @@ State and failures (checkpoint format and atomic writes: ``soar.checkpoint``):
   sampler position before the bad step) and raises ``FloatingPointError`` naming the step and folder;
 - an out-of-memory error is re-raised naming the batch-size and aux micro-batch settings;
 - with an EMA, ``{out_dir}/transformer`` holds the EMA weights (what sampling loads) and
-  ``{out_dir}/transformer_raw`` the trained weights.
+  ``{out_dir}/transformer_raw`` the trained weights (``transformer_raw_lora``: the trained adapters).
+
+What trains (all weights or LoRA adapters), the optimiser (AdamW or 8-bit AdamW) and the LoRA save
+format: ``soar.finetune``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from torch.utils.data import DataLoader
 from soar import checkpoint
 from soar.data.dataset import BucketBatchSampler, ImageCaptionDataset, collate
 from soar.ema import EMA
+from soar.finetune import LoraSettings, make_optimizer, prepare_trainable, save_model
 from soar.flow import TIMESTEP_SCALE, sigma_grid
+from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
 from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
@@ -67,6 +72,8 @@ class LoopSettings:
     checkpoints_total_limit: int | None = None  # keep this many newest checkpoints (None = all)
     resume_from_checkpoint: str | None = None  # None, "latest" (under out_dir/checkpoints) or a folder
     ema_decay: float | None = None  # EMA of the weights with this decay (None = off)
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (soar.finetune.make_optimizer)
+    lora: LoraSettings | None = None  # None = full fine-tuning; else peft LoRA adapters train
 
 
 def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> TextTable:
@@ -117,12 +124,14 @@ def configure_deepspeed(accelerator: Accelerator, loop: LoopSettings, step: Step
 
 def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSettings, step: StepSettings,
           out_dir: str | Path, accelerator: Accelerator, log: Logger, *, text: TextTable | None = None,
-          validation: ValidationSettings | None = None, on_validation: OnValidation | None = None) -> dict[str, float]:
+          validation: ValidationSettings | None = None, on_validation: OnValidation | None = None,
+          latents: LatentCache | None = None) -> dict[str, float]:
     """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format.
 
     ``text``: the captions' embeddings (e.g. ``soar.text_cache.load_cache``), holding every training
     caption, "" and the validation prompts; None encodes them here, once. ``on_validation(images, step)``
-    receives the validation images on the main process every ``validation.every`` steps.
+    receives the validation images on the main process every ``validation.every`` steps. ``latents``: a
+    VAE latent cache; images it lacks are encoded once here (each process a share) before step 1.
     """
     device = accelerator.device
     if text is None:  # encode on the accelerator, then the encoders leave it
@@ -133,7 +142,8 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         bundle.transformer.to(device)
         bundle.codec.to(device)
     bundle.offload_text_encoders()
-    transformer = bundle.transformer.train().requires_grad_(True)
+    transformer = bundle.transformer.train()
+    trainable = prepare_trainable(transformer, loop.lora)  # all weights, or LoRA adapters on frozen ones
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     text.index([r.caption for r in records])  # every caption is there (else a KeyError naming it), before step 1
@@ -145,16 +155,23 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
     grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
     dataset = ImageCaptionDataset(records, image_dir)
+    if latents is not None:  # fill the latent cache once (each process its share), then read moments only
+        todo = latents.missing(records)
+        latents.build(bundle.codec, dataset, todo[accelerator.process_index::accelerator.num_processes], device,
+                      loop.train_batch_size)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"latent cache {latents.dir}: encoded {len(todo)} of {len(records)} images")
+        dataset.latents = latents
     sampler = BucketBatchSampler([r.bucket for r in records], loop.train_batch_size, seed=loop.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.dataloader_num_workers)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=loop.learning_rate, weight_decay=loop.adam_weight_decay)
+    optimizer = make_optimizer(trainable, loop.optimizer, loop.learning_rate, loop.adam_weight_decay)
     schedule = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.lr_warmup_steps,
                              num_training_steps=loop.max_train_steps)
     configure_deepspeed(accelerator, loop, step)
     transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
     velocity = make_velocity(transformer)
-    weights = list(accelerator.unwrap_model(transformer).parameters())
+    weights = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
     ema = EMA(weights, loop.ema_decay) if loop.ema_decay is not None else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and restored by save_state / load_state
@@ -194,7 +211,8 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         for batch in loader:
             with oom_names_settings(loop, step):
                 cond = TextCond(*text.lookup(batch["captions"], device))
-                z0 = bundle.codec.encode(batch["pixels"].to(device), generator=gen)
+                z0 = (bundle.codec.sample_moments(batch["mean"].to(device), batch["std"].to(device), generator=gen)
+                      if "mean" in batch else bundle.codec.encode(batch["pixels"].to(device), generator=gen))
                 with accelerator.accumulate(transformer), accelerator.autocast():
                     metrics = training_step(velocity, z0, cond, uncond, grid, step, gen,
                                             backward=accelerator.backward, reduce_counts=reduce_counts,
@@ -210,7 +228,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
                         raise FloatingPointError(
                             f"non-finite loss (this process: {metrics['loss'].item()}) at step {global_step + 1}; "
                             f"the state after step {global_step} is saved in {path}")
-                    grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), loop.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
                 optimizer.step()  # these three do nothing between accumulation micro-steps
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -238,16 +256,22 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
             if global_step >= loop.max_train_steps:
                 break
         epoch, start = epoch + 1, 0
-    if ema is not None:  # sampling loads transformer/: the EMA weights; the trained ones go beside them
-        save_transformer(accelerator, transformer, Path(out_dir) / "transformer_raw")
-        ema.copy_to(weights)
-    save_transformer(accelerator, transformer, Path(out_dir) / "transformer")
+    save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop.lora)
     return last
 
 
-def save_transformer(accelerator: Accelerator, transformer, folder: Path) -> None:
-    """Save the (unwrapped) transformer in diffusers format from the main process."""
+def save_outputs(accelerator: Accelerator, transformer, out_dir: Path, ema: EMA | None, weights: list,
+                 lora: LoraSettings | None) -> None:
+    """From the main process: ``out_dir/transformer`` (the EMA weights when on, what sampling loads; with
+    LoRA merged, adapters in ``transformer_lora``) and, with an EMA, the trained weights beside it."""
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(transformer)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(transformer).save_pretrained(folder)
+        if ema is not None:
+            if lora is None:
+                model.save_pretrained(out_dir / "transformer_raw")
+            else:
+                model.save_lora_adapter(out_dir / "transformer_raw_lora")
+            ema.copy_to(weights)
+        save_model(model, out_dir / "transformer", lora)
     accelerator.wait_for_everyone()

@@ -66,13 +66,18 @@ def to_pixels(image: np.ndarray) -> torch.Tensor:
 
 
 class ImageCaptionDataset(Dataset):
-    """``records[i]`` -> ``{"pixels": float32 [3, bh, bw] in [-1, 1], "caption": str, "md5": str}``."""
+    """``records[i]`` -> ``{"pixels": float32 [3, bh, bw] in [-1, 1], "caption": str, "md5": str}``.
 
-    def __init__(self, records: Sequence[TrainingRecord], image_dir: str | Path):
+    With ``latents`` (a ``soar.latent_cache.LatentCache``) items carry the cached posterior moments
+    ``"mean"``, ``"std"`` (float32 ``[C, h, w]``) instead of pixels.
+    """
+
+    def __init__(self, records: Sequence[TrainingRecord], image_dir: str | Path, latents=None):
         if not records:
             raise ValueError(f"ImageCaptionDataset over {image_dir}: no records")
         self.records = list(records)
         self.image_dir = Path(image_dir)
+        self.latents = latents
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,24 +87,32 @@ class ImageCaptionDataset(Dataset):
         """``(bw, bh)`` of every index, for ``BucketBatchSampler``."""
         return [r.bucket for r in self.records]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def pixel_item(self, index: int) -> dict[str, Any]:
+        """The item with its pixels, whether or not a latent cache is set."""
         record = self.records[index]
         image = load_rgb(record.image_path(self.image_dir))
         pixels = to_pixels(resize_center_crop(image, record.bw, record.bh))
         return {"pixels": pixels, "caption": record.caption, "md5": record.md5}
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.latents is None:
+            return self.pixel_item(index)
+        record = self.records[index]
+        mean, std = self.latents.load(record)
+        return {"mean": mean, "std": std, "caption": record.caption, "md5": record.md5}
+
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a same-bucket batch: ``pixels`` float32 ``[B, 3, H, W]``, ``captions`` and ``md5s`` lists."""
-    shapes = {tuple(item["pixels"].shape) for item in items}
+    """Stack a same-bucket batch: ``pixels`` float32 ``[B, 3, H, W]`` (or cached ``mean``/``std``
+    ``[B, C, h, w]``), ``captions`` and ``md5s`` lists."""
+    tensors = [k for k in ("pixels", "mean", "std") if k in items[0]]
+    shapes = {tuple(item[tensors[0]].shape) for item in items}
     if len(shapes) != 1:
         ids = [item["md5"] for item in items]
         raise ValueError(f"collate: batch mixes image shapes {sorted(shapes)} (md5s {ids})")
-    return {
-        "pixels": torch.stack([item["pixels"] for item in items]),
-        "captions": [item["caption"] for item in items],
-        "md5s": [item["md5"] for item in items],
-    }
+    out = {k: torch.stack([item[k] for item in items]) for k in tensors}
+    out.update(captions=[item["caption"] for item in items], md5s=[item["md5"] for item in items])
+    return out
 
 
 class BucketBatchSampler(Sampler[list[int]]):

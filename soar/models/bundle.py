@@ -59,6 +59,9 @@ class SD3Bundle:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (``prompt_embeds [B, L, joint_attention_dim]``, ``pooled [B, pooled_dim]``)."""
+        if not self.clip_encoders:
+            raise RuntimeError("this bundle has no text encoders (loaded with text_encoders=False or freed after "
+                               "the text cache was read); prompts must come from the text-embedding cache")
         device = self.clip_encoders[0].device
         hidden, pooled = [], []
         for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders, strict=True):
@@ -90,8 +93,12 @@ def load_transformer(path: str | Path) -> SD3Transformer2DModel:
 
 
 def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
-                t5_max_length: int = 77) -> SD3Bundle:
-    """Load the SD3 bundle in diffusers folder ``path`` (optionally another transformer)."""
+                t5_max_length: int = 77, text_encoders: bool = True) -> SD3Bundle:
+    """Load the SD3 bundle in diffusers folder ``path`` (optionally another transformer).
+
+    ``text_encoders=False`` leaves the tokenizers and text encoders unloaded (training from a text cache:
+    SD3.5-Medium's T5 alone is ~19 GB in float32); ``encode_prompts`` then raises.
+    """
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path)
@@ -109,6 +116,8 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
 
         codec = VaeCodec(AutoencoderKL.from_pretrained(_require(root / "vae", "vae or codec"), local_files_only=True))
     encoders, tokenizers = [], []
+    if not text_encoders:
+        return SD3Bundle(transformer, scheduler, codec, t5_max_length=t5_max_length)
     for sub in ("", "_2"):
         tokenizers.append(CLIPTokenizer.from_pretrained(_require(root / f"tokenizer{sub}", f"tokenizer{sub}")))
         enc = CLIPTextModelWithProjection.from_pretrained(

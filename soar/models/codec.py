@@ -1,6 +1,9 @@
 """Codecs between images in [-1, 1] and the latents z0 the flow works on.
 
 SD3 convention (DESIGN.md §4): z0 = (vae.encode(x).sample() - shift_factor) * scaling_factor.
+``moments`` gives the latent distribution in z0 units (mean, std) and ``sample_moments`` draws z0 from
+it; ``encode`` is exactly their composition, so a latent cache of moments (``soar.latent_cache``)
+reproduces the uncached draws bit for bit.
 ``PixelCodec`` is the tiny profile's explicit identity codec (z0 = x); ``VaeCodec`` wraps a
 diffusers ``AutoencoderKL`` as found in an SD3.5 folder.
 """
@@ -25,6 +28,15 @@ class PixelCodec:
         """``x [B, 3, H, W]`` in [-1, 1] -> ``z0 [B, 3, H, W]``."""
         return x
 
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, 3, H, W]`` -> ``(mean, std)``, both ``[B, 3, H, W]``: a point mass at x."""
+        return x.float(), torch.zeros_like(x, dtype=torch.float32)
+
+    def sample_moments(self, mean: torch.Tensor, std: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent itself (no draw, like ``encode``)."""
+        return mean
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``z [B, 3, H, W]`` -> image ``[B, 3, H, W]`` in [-1, 1] (clamped)."""
         return z.clamp(-1, 1)
@@ -47,12 +59,22 @@ class VaeCodec:
         self.shift = vae.config.shift_factor or 0.0
         self.scale = vae.config.scaling_factor
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``x [B, 3, H, W]`` in [-1, 1] -> ``z0 [B, C, H/8, W/8]``."""
-        x = x.to(self.vae.device, self.vae.dtype)
-        sample = self.vae.encode(x).latent_dist.sample(generator=generator)
-        return ((sample - self.shift) * self.scale).float()
+        """``x [B, 3, H, W]`` in [-1, 1] -> ``z0 [B, C, H/8, W/8]``, a draw from the posterior."""
+        return self.sample_moments(*self.moments(x), generator=generator)
+
+    @torch.no_grad()
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, 3, H, W]`` -> posterior ``(mean, std)`` in z0 units, float32 ``[B, C, H/8, W/8]``."""
+        dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
+        return ((dist.mean.float() - self.shift) * self.scale), dist.std.float() * self.scale
+
+    def sample_moments(self, mean: torch.Tensor, std: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """``z0 = mean + std * eps``, eps ~ N(0, I) from ``generator`` (``[B, C, h, w]``)."""
+        device = generator.device if generator is not None else mean.device
+        eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32).to(mean.device)
+        return mean.float() + std.float() * eps
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

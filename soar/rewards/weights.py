@@ -5,16 +5,18 @@ Every learned scorer reads its weights from a local path named in ``params.yaml`
 scorer expects there; a hub download happens only when the user sets ``score.allow_download: true``
 (then the published hub id is returned, and the loader fetches it).
 
-Heavy optional dependencies (open_clip, peft, bitsandbytes, ...) are imported through
-``require``, whose error names the pyproject extra that installs them.
+Heavy optional dependencies (open_clip, timm, ...) are imported through ``require``
+(``soar.extras``), whose error names the pyproject extra that installs them.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
+
+from soar.extras import require
+
+__all__ = ["PARAM_PREFIX", "locate", "require"]
 
 PARAM_PREFIX = "score.checkpoints"
 
@@ -49,12 +51,3 @@ def locate(checkpoints: Mapping[str, str | None], key: str, *, expect: Sequence[
     if missing:
         raise FileNotFoundError(f"{param}: {p} lacks {', '.join(missing)} (expected a folder{label}{expected})")
     return str(p)
-
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module``; when it is missing, say which extra installs it (``pip install -e '.[extra]'``)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{module} is needed here but not installed: pip install -e '.[{extra}]' "
-                          f"(or pip install 'soar[{extra}]')") from exc
