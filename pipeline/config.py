@@ -44,7 +44,7 @@ class SynthConfig:
 class DataConfig:
     jsonl_path: str  # training JSONL, one {"md5", "caption_en", "bw", "bh"} per line
     image_dir: str  # folder holding the images as {md5}.jpg
-    quality: Literal["tiny_sharpness"]  # quality score the prepare filter applies
+    quality: Literal["tiny_sharpness", "aesthetic"]  # prepare's filter score: tiny-world sharpness or LAION aesthetic
     quality_threshold: float  # keep images whose quality score is >= this
     prepared_dir: str  # output of prepare: filtered train.jsonl and report.json
     dataloader_num_workers: int  # DataLoader worker processes (0 = in the main process)
@@ -189,12 +189,30 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class ScoreCheckpoints:
+    """Local weights of the learned scorers (null = not here; a scorer that needs one stops naming its key)."""
+
+    clip_vit_l14: str | None  # folder of openai/clip-vit-large-patch14 (ClipScore, Aesthetic, GenEval colours)
+    pickscore: str | None  # folder of yuvalkirstain/PickScore_v1 (a CLIPModel)
+    pickscore_processor: str | None  # folder of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore's processor)
+    aesthetic_mlp: str | None  # file sac+logos+ava1-l14-linearMSE.pth (LAION improved aesthetic predictor)
+    hpsv21: str | None  # file HPS_v2.1_compressed.pt (open_clip ViT-H-14 weights)
+    image_reward: str | None  # file ImageReward.pt (ImageReward-v1.0)
+    image_reward_tokenizer: str | None  # folder of the bert-base-uncased tokenizer ImageReward's BLIP uses
+    mask2former: str | None  # folder of facebook/mask2former-swin-small-coco-instance (GenEval detector)
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     out_dir: str  # per-image scores and metrics go to {out_dir}/{model}/
     scorers: dict[str, list[str]]  # prompt set -> names of the scorers applied to it
     geneval_backend: Literal["tiny", "mask2former"]  # detector: exact tiny-world one or Mask2Former
+    ocr_engine: Literal["rapidocr", "paddle"]  # PP-OCRv4 through rapidocr-onnxruntime, or PaddleOCR (extra)
     ocr_upscale: int  # OCR input side: smaller images are upscaled to this, pixels
     batch_size: int  # images per scorer call
+    device: str  # torch device of the learned scorers; "auto" = cuda when available, else cpu
+    allow_download: bool  # fetch weights whose path is null from their hub ids (false: missing = error)
+    checkpoints: ScoreCheckpoints  # local weights of the learned scorers
 
 
 @dataclass(frozen=True)

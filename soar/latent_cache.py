@@ -9,10 +9,11 @@ image and bucket::
 Training then draws ``z0 = mean + std * eps`` (``codec.sample_moments``) with the step's generator:
 the same draws as encoding the pixels each time (``codec.encode`` is that composition), without the
 VAE forward; the moments equal the uncached ones up to the VAE's float rounding, which on CPU can
-depend on which images share a batch (~1e-7). ``key`` hashes the codec's files (``vae/`` or ``codec/`` of the model folder), the image
-preprocessing version and this format, so a changed VAE or resize never reads stale latents; the
-image itself is identified by its ``md5`` (the JSONL's content hash). Files are written to a temporary
-name and renamed, so a killed build leaves only complete entries and the next run encodes the rest.
+depend on which images share a batch (~1e-7). ``key`` hashes the codec's files (``vae/`` or
+``codec/`` of the model folder), the image preprocessing version and this format, so a changed VAE
+or resize never reads stale latents; the image itself is identified by its ``md5`` (the JSONL's
+content hash). Files are written to a temporary name and renamed, so a killed build leaves only
+complete entries and the next run encodes the rest.
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.scoring import build_scorers
 from pipeline.tracking import stage_run
 from soar.data.prepare import prepare_dataset
 from soar.data.quality import image_quality
 from stages.common import declared, load
 
-PARAMS = ("data", "mlflow")
+PARAMS = ("data", "score", "mlflow")  # score: only the aesthetic weights, device, downloads
 
 
 def tiny_sharpness(images: list[np.ndarray]) -> np.ndarray:
@@ -20,7 +21,13 @@ def tiny_sharpness(images: list[np.ndarray]) -> np.ndarray:
     return np.array([image_quality(im) for im in images], dtype=np.float64)
 
 
-QUALITY_FUNCTIONS = {"tiny_sharpness": tiny_sharpness}  # data.quality -> batch quality function
+def laion_aesthetic(score_cfg):
+    """The LAION aesthetic predictor (the paper's filter), weights from ``score.checkpoints``."""
+    return build_scorers(score_cfg, ["aesthetic"])["aesthetic"].predict
+
+
+# data.quality -> builder of a batch quality function (list of uint8 [H, W, 3] -> float array)
+QUALITY_FUNCTIONS = {"tiny_sharpness": lambda score_cfg: tiny_sharpness, "aesthetic": laion_aesthetic}
 
 
 def main() -> None:
@@ -30,7 +37,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with stage_run(cfg.mlflow, "prepare", "filter", declared(cfg, PARAMS)) as run:
         report = prepare_dataset(d.jsonl_path, d.image_dir, out / "train.jsonl",
-                                 quality_fn=QUALITY_FUNCTIONS[d.quality], threshold=d.quality_threshold)
+                                 quality_fn=QUALITY_FUNCTIONS[d.quality](cfg.score), threshold=d.quality_threshold)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         print(f"prepare: {json.dumps(report)}")
         run.log_artifact(out / "report.json")

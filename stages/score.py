@@ -1,25 +1,27 @@
-"""Stage `score@{base,sft,soar}`: per-image scores (JSONL) and per-set metrics (DVC metrics)."""
+"""Stage `score@{base,sft,soar}`: per-image scores (JSONL) and per-set metrics (DVC metrics).
+
+Every scorer named in ``score.scorers`` is built once, from ``score.*`` (weights from
+``score.checkpoints``), and applied to its prompt sets in batches of ``score.batch_size``. A scorer
+used on one set reports its metrics under their own names (``pickscore``: the report's columns); a
+scorer used on several sets reports ``{set}/{metric}`` for each, so no set's number overwrites another.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.samples import load_image, read_index
+from pipeline.scoring import build_scorers
 from pipeline.tracking import stage_run
-from soar.rewards import build_scorer
 from stages.common import declared, load
 
 PARAMS = ("sample", "score", "mlflow")
-
-
-def scorer_options(score_cfg) -> dict[str, dict]:
-    """Factory options per scorer name, from the ``score`` section."""
-    return {"geneval": {"backend": score_cfg.geneval_backend}, "ocr": {"upscale_to": score_cfg.ocr_upscale}}
 
 
 def main(model: str) -> None:
@@ -27,9 +29,8 @@ def main(model: str) -> None:
     sc = cfg.score
     out = Path(sc.out_dir) / model
     out.mkdir(parents=True, exist_ok=True)
-    options = scorer_options(sc)
-    names = sorted({n for names in sc.scorers.values() for n in names})
-    scorers = {n: build_scorer(n, **options.get(n, {})) for n in names}  # built once per stage
+    uses = Counter(n for names in sc.scorers.values() for n in names)
+    scorers = build_scorers(sc, sorted(uses))
     metrics: dict[str, float] = {}
     rows = []
     with stage_run(cfg.mlflow, "score", model, declared(cfg, PARAMS)) as run:
@@ -44,7 +45,8 @@ def main(model: str) -> None:
                     records[n].extend(scorers[n].score(images, [e["prompt"] for e in batch],
                                                        [e["metadata"] for e in batch]))
             for n in scorer_names:
-                metrics.update(scorers[n].aggregate(records[n]))
+                prefix = f"{set_name}/" if uses[n] > 1 else ""
+                metrics.update({prefix + k: v for k, v in scorers[n].aggregate(records[n]).items()})
                 for e, r in zip(entries, records[n], strict=True):
                     rows.append({"set": set_name, "scorer": n, "prompt_index": e["prompt_index"],
                                  "image_index": e["image_index"], "prompt": e["prompt"], "score": r.score,

@@ -208,8 +208,17 @@ def build_ocr_scorer(
     det_limit_side_len: int = REFERENCE_DET_LIMIT_SIDE_LEN,
     det_limit_type: str = REFERENCE_DET_LIMIT_TYPE,
     text_score: float = REFERENCE_TEXT_SCORE,
+    *,
+    checkpoints: Mapping[str, str | None] | None = None,
+    allow_download: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> OcrScorer:
-    """Build the OCR scorer; the engine is loaded once, here."""
+    """Build the OCR scorer; the engine is loaded once, here.
+
+    ``checkpoints``, ``allow_download``, ``device``, ``dtype``: the options every scorer factory takes;
+    unused here (both engines ship their PP-OCRv4 weights in their packages and run on the CPU).
+    """
     readers = {"rapidocr": _rapidocr_reader, "paddle": _paddle_reader}
     if engine not in readers:
         raise ValueError(f"unknown OCR engine {engine!r}; known: {', '.join(ENGINES)}")
