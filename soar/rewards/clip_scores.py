@@ -27,7 +27,7 @@ from torch import nn
 
 from soar.rewards.base import Scorer, ScoreRecord, register
 from soar.rewards.images import clip_pixels
-from soar.rewards.weights import PARAM_PREFIX, locate
+from soar.rewards.weights import PARAM_PREFIX, locate, torch_dtype
 
 # Hub ids: DESIGN.md §5 (ClipScore / Aesthetic backbone; PickScore model and processor per the
 # PickScore_v1 model card and Flow-GRPO's pickscore_scorer.py).
@@ -101,14 +101,6 @@ class ClipEncoder:
             emb = _normalise(_features(self.model.get_text_features(**tokens)))
         row = {p: i for i, p in enumerate(distinct)}
         return emb[torch.tensor([row[p] for p in prompts], device=emb.device, dtype=torch.long)]
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` ... -> the torch floating dtype."""
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must name a torch floating dtype (e.g. float32, bfloat16), got {dtype!r}")
-    return value
 
 
 def load_clip(model_path: str, processor_path: str | None = None, *, device: str = "cpu",

@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from soar.extras import require
 
-__all__ = ["PARAM_PREFIX", "locate", "require"]
+__all__ = ["PARAM_PREFIX", "fetch_file", "locate", "require", "torch_dtype"]
 
 PARAM_PREFIX = "score.checkpoints"
 
@@ -51,3 +53,20 @@ def locate(checkpoints: Mapping[str, str | None], key: str, *, expect: Sequence[
     if missing:
         raise FileNotFoundError(f"{param}: {p} lacks {', '.join(missing)} (expected a folder{label}{expected})")
     return str(p)
+
+
+def fetch_file(located: str, hub_id: str, filename: str) -> str:
+    """``locate``'s answer -> a local file: a hub id (returned only when downloads are allowed) is fetched."""
+    if located != hub_id or Path(located).exists():
+        return located
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=hub_id, filename=filename)
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` ... -> the torch floating dtype."""
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must name a torch floating dtype (e.g. float32, bfloat16), got {dtype!r}")
+    return value
