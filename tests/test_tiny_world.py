@@ -212,7 +212,7 @@ def test_geneval_scorer_scores_and_task_averages():
     # larger renders of the same world are resized to the detector's side
     big = np.asarray(Image.fromarray(images[0]).resize((128, 128), Image.Resampling.NEAREST))
     assert scorer.score(big[None], [metas[0]["prompt"]], [metas[0]])[0].score == 1.0
-    with pytest.raises(NotImplementedError, match="mask2former"):
+    with pytest.raises(FileNotFoundError, match=r"score\.checkpoints\.mask2former"):
         build_scorer("geneval", backend="mask2former")
     with pytest.raises(ValueError, match="differs"):
         scorer.score(np.stack(images[:1]), ["a photo of a dog"], metas[:1])
