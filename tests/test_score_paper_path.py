@@ -14,13 +14,15 @@ import pytest
 from ruamel.yaml import YAML
 from test_geneval_m2f import checkpoints as m2f_checkpoints  # noqa: F401  (fixture)
 from test_rewards_clip import folders  # noqa: F401  (fixture)
+from test_rewards_hps_ir import TINY_HPS_ARCH, TINY_IR, hps_ckpt, ir_files  # noqa: F401  (fixtures)
 
 from pipeline.config import load_config
 from pipeline.scoring import build_scorers
+from soar.rewards import hps, image_reward
 from stages.prepare import QUALITY_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_HERE = ["aesthetic", "clipscore", "geneval", "ocr", "pickscore"]  # tiny checkpoints through build_scorers
+ALL_SEVEN = ["aesthetic", "clipscore", "geneval", "hpsv21", "imagereward", "ocr", "pickscore"]
 
 
 def paper_config(tmp_path: Path, **checkpoints):
@@ -41,10 +43,15 @@ def cfg(tmp_path, folders, m2f_checkpoints):  # noqa: F811
                         mask2former=m2f_checkpoints["mask2former"])
 
 
-def test_paper_profile_builds_and_runs_its_scorers(cfg):
+def test_paper_profile_builds_and_runs_all_seven_scorers(cfg, hps_ckpt, ir_files, monkeypatch, tmp_path):  # noqa: F811
     assert cfg.score.geneval_backend == "mask2former"
     assert set(cfg.score.scorers["drawbench"]) == {"pickscore", "clipscore", "hpsv21", "aesthetic", "imagereward"}
-    scorers = build_scorers(cfg.score, OFFLINE_HERE)
+    checkpoints = dict(vars(cfg.score.checkpoints))
+    cfg = paper_config(tmp_path, **{**checkpoints, "hpsv21": hps_ckpt, **ir_files})
+    # the published ViT-H-14 / BLIP ViT-L sizes, swapped for tiny ones of the same family only here
+    monkeypatch.setitem(hps.build_hpsv21.__kwdefaults__, "arch", TINY_HPS_ARCH)
+    monkeypatch.setitem(image_reward.build_imagereward.__kwdefaults__, "arch", TINY_IR)
+    scorers = build_scorers(cfg.score, ALL_SEVEN)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
     prompts = ['a photo of a dog with a sign that says "dog"', 'a sign that says "open"']  # OCR needs quotes
