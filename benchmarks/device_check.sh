@@ -46,6 +46,7 @@ EOF
 
 part train_step 300 "$PYTHON" benchmarks/train_step.py --reps 5 --warmup 2
 part soar_step 150 "$PYTHON" benchmarks/soar_step.py --threads 4 --reps 3
+part sample 240 "$PYTHON" benchmarks/sample.py --reps 3
 
 # 3. ZeRO-2 smoke run: a tiny world + random-init tiny model (params.yaml model.tiny) in $OUT/zero2
 SMOKE="$OUT/zero2"

@@ -2,13 +2,22 @@
 
 ``{root}/{model}/{set}/{prompt:05d}/metadata.jsonl`` (the prompt's metadata line) and
 ``.../samples/{image:04d}.png`` — the layout the official GenEval evaluator reads — plus
-``{root}/{model}/{set}/index.jsonl`` listing every image with its prompt and seed.
+``{root}/{model}/{set}/index.jsonl`` listing every image with its prompt and seed, and
+``{root}/{model}/{set}/sampling.json``: what made the images (model digest, sampler settings,
+prompts), so a rerun reuses images on disk only when they would come out the same.
+
+Every file is written through a temporary ``.tmp-*`` file in the same folder and renamed, so a PNG
+at its final path is complete; a killed run can leave only ``.tmp-*`` files, which
+``prepare_set_dir`` removes before the next run writes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +25,10 @@ import numpy as np
 from PIL import Image
 
 INDEX = "index.jsonl"
+SETTINGS = "sampling.json"
+TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 def image_path(set_dir: Path, prompt_index: int, image_index: int) -> Path:
@@ -25,10 +38,12 @@ def image_path(set_dir: Path, prompt_index: int, image_index: int) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a crash never leaves a partial file at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name does (a preempted VM)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,6 +57,56 @@ def save_png(path: Path, image: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def missing(set_dir: Path, entries: list[dict]) -> list[dict]:
+    """The entries whose PNG is not on disk yet (a PNG at its final path is complete: see module doc)."""
+    return [e for e in entries if not (set_dir / e["path"]).is_file()]
+
+
+def remove_temporaries(set_dir: Path) -> int:
+    """Delete ``.tmp-*`` files a killed run left under ``set_dir``; returns how many."""
+    stale = [p for p in set_dir.rglob(f"{TMP_PREFIX}*") if p.is_file()] if set_dir.is_dir() else []
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+def prepare_set_dir(set_dir: Path, settings: dict) -> int:
+    """Make ``set_dir`` ready for a (resumed) run with ``settings``; returns the PNGs kept.
+
+    Images on disk are kept only when ``sampling.json`` records the same settings; otherwise (other
+    weights, steps, seed, prompts, ...) the folder is emptied first. Stale temporaries are removed.
+    Call on one process, before any process writes into ``set_dir``.
+    """
+    recorded = set_dir / SETTINGS
+    if set_dir.exists():
+        old = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if old != settings:
+            if old is not None or any(set_dir.rglob("*.png")):
+                changed = "no " + SETTINGS if old is None else ", ".join(
+                    sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k)))
+                log.warning("%s: images on disk were made otherwise (%s); sampling them again", set_dir, changed)
+            shutil.rmtree(set_dir)
+    removed = remove_temporaries(set_dir)
+    if removed:
+        log.info("%s: removed %d partial file(s) of an interrupted run", set_dir, removed)
+    if not recorded.is_file():
+        atomic_write_bytes(recorded, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    return sum(1 for _ in set_dir.rglob("*.png"))
+
+
+def folder_digest(folder: Path, content: bool = True) -> str:
+    """SHA-256 over the relative names, sizes and (``content``) bytes of every file under ``folder``."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\0".encode())
+        if content:
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def write_index(set_dir: Path, entries: list[dict]) -> None:
