@@ -40,7 +40,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
-from train_step import ROOT, Setup, count_flops, gpu_setup, tiny_setup  # noqa: E402
+from train_step import ROOT, Setup, add_run_args, count_flops, gpu_setup, run_device, tiny_setup  # noqa: E402
 
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from soar.sampling import denoise, image_seed, initial_noise, sample  # noqa: E402
@@ -86,14 +86,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (warm-up compiles)")
     ap.add_argument("--full", action="store_true", help="time soar.sampling.sample: text encoding + decode included")
     ap.add_argument("--model-dir", default=None, help="--full: local model folder (default CPU: a temp tiny one)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--peak-tflops", type=float, default=790.0, help="device peak for MFU (default 790, DESIGN.md)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    add_run_args(ap, reps=3, warmup=1)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = run_device(args)
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     batches = [int(b) for b in (args.batches or ("1,2,4,8,16" if cuda else "1,4,16")).split(",")]

@@ -108,6 +108,22 @@ def step_flops(setup: Setup, s: StepSettings, batch: int) -> int:
     return count_flops(setup, rollout, grad=False) + count_flops(setup, points, grad=True)
 
 
+def add_run_args(ap: argparse.ArgumentParser, *, reps: int, warmup: int) -> None:
+    """Options every benchmark here shares: repetitions, warm-up, MFU peak, CPU threads."""
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--peak-tflops", type=float, default=790.0,
+                    help="device peak for MFU, TFLOP/s (default 790 as in DESIGN.md; H100/H200 SXM sheet: 989)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+
+
+def run_device(args) -> torch.device:
+    """Apply ``--threads`` and return ``--device`` (default: cuda when available, else cpu)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -118,15 +134,9 @@ def main() -> None:
     ap.add_argument("--trajectory-length", type=int, default=6)
     ap.add_argument("--aux-microbatch", type=int, default=None, help="soar.aux_microbatch (default: one forward)")
     ap.add_argument("--no-checkpointing", action="store_true", help="GPU: turn gradient checkpointing off")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peak-tflops", type=float, default=790.0,
-                    help="device peak for MFU, TFLOP/s (default 790 as in DESIGN.md; H100/H200 SXM sheet: 989)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    add_run_args(ap, reps=5, warmup=2)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = run_device(args)
     cuda = device.type == "cuda"
     setup = tiny_setup(args) if args.tiny or not cuda else gpu_setup(args)
     checkpointing = cuda and not args.tiny and not args.no_checkpointing
