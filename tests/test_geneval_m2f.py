@@ -35,6 +35,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Tiny random Mask2Former (COCO id2label, HF names) and CLIP (+ BPE tokenizer) folders."""
     from transformers import (
         CLIPConfig,
+        CLIPImageProcessor,
         CLIPModel,
         Mask2FormerConfig,
         Mask2FormerForUniversalSegmentation,
@@ -68,6 +69,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
         projection_dim=16)
     CLIPModel(clip_config).save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
     return {"mask2former": str(root / "m2f"), "clip_vit_l14": str(root / "clip")}
 
 

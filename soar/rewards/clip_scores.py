@@ -126,7 +126,7 @@ def load_clip(model_path: str, processor_path: str | None = None, *, device: str
                        std=tuple(proc.image_std), resample=Image.Resampling(int(proc.resample)))
 
 
-def _locate_folder(checkpoints: Mapping[str, str | None], key: str, hub_id: str, allow_download: bool,
+def locate_model_folder(checkpoints: Mapping[str, str | None], key: str, hub_id: str, allow_download: bool,
                    expect: Sequence[str]) -> str:
     """``weights.locate`` for a transformers folder, also checking that it holds model weights."""
     path = locate(checkpoints, key, expect=expect, hub_id=hub_id, allow_download=allow_download)
@@ -233,7 +233,7 @@ class AestheticScorer(Scorer):
 def build_clipscore(*, checkpoints: Mapping[str, str | None], allow_download: bool = False,
                     device: str = "cpu", dtype: str = "float32") -> ClipScoreScorer:
     """ClipScore from ``score.checkpoints.clip_vit_l14`` (a folder of openai/clip-vit-large-patch14)."""
-    path = _locate_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
+    path = locate_model_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
                           MODEL_FILES + PROCESSOR_FILES)
     return ClipScoreScorer(load_clip(path, device=device, dtype=dtype))
 
@@ -242,8 +242,8 @@ def build_clipscore(*, checkpoints: Mapping[str, str | None], allow_download: bo
 def build_pickscore(*, checkpoints: Mapping[str, str | None], allow_download: bool = False,
                     device: str = "cpu", dtype: str = "float32") -> PickScoreScorer:
     """PickScore: model ``score.checkpoints.pickscore``, tokenizer/preprocessor ``...pickscore_processor``."""
-    model = _locate_folder(checkpoints, "pickscore", PICKSCORE_HUB_ID, allow_download, MODEL_FILES)
-    proc = _locate_folder(checkpoints, "pickscore_processor", PICKSCORE_PROCESSOR_HUB_ID, allow_download,
+    model = locate_model_folder(checkpoints, "pickscore", PICKSCORE_HUB_ID, allow_download, MODEL_FILES)
+    proc = locate_model_folder(checkpoints, "pickscore_processor", PICKSCORE_PROCESSOR_HUB_ID, allow_download,
                           PROCESSOR_FILES)
     return PickScoreScorer(load_clip(model, proc, device=device, dtype=dtype))
 
@@ -252,7 +252,7 @@ def build_pickscore(*, checkpoints: Mapping[str, str | None], allow_download: bo
 def build_aesthetic(*, checkpoints: Mapping[str, str | None], allow_download: bool = False,
                     device: str = "cpu", dtype: str = "float32") -> AestheticScorer:
     """Aesthetic: CLIP ``score.checkpoints.clip_vit_l14`` + MLP file ``score.checkpoints.aesthetic_mlp``."""
-    clip = _locate_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
+    clip = locate_model_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
                           MODEL_FILES + ("preprocessor_config.json",))
     mlp = locate(checkpoints, "aesthetic_mlp", hub_id=AESTHETIC_MLP_URL, allow_download=allow_download,
                  what=AESTHETIC_MLP_FILE)

@@ -31,12 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from soar.rewards import weights
+from soar.rewards.clip_scores import CLIP_VIT_L14_HUB_ID, MODEL_FILES, ClipEncoder, load_clip, locate_model_folder
 from soar.rewards.geneval import GenEvalBase
 from soar.rewards.geneval_rules import GENEVAL_COLORS, THRESHOLD, Detection, keep_detections
-from soar.rewards.images import clip_pixels, resize_center_crop
 
 MASK2FORMER_HUB_ID = "facebook/mask2former-swin-small-coco-instance"  # transformers port of the Swin-S COCO model
-CLIP_HUB_ID = "openai/clip-vit-large-patch14"  # = open_clip ("ViT-L-14", "openai"), evaluate_images.py
 TEST_SCALE = (1333, 800)  # mmdet test_pipeline: Resize(img_scale=(1333, 800), keep_ratio=True)
 SIZE_DIVISOR = 32  # mmdet test_pipeline: Pad(size_divisor=32), zeros after Normalize
 MAX_PER_IMAGE = 100  # mmdet Mask2Former test_cfg.max_per_image
@@ -145,36 +144,34 @@ def crop_on_background(image: np.ndarray, mask: np.ndarray, box: Sequence[float]
     return np.ascontiguousarray(out[y0:y1, x0:x1])
 
 
-def _features(output: Any) -> torch.Tensor:
-    """``get_*_features`` returns a tensor (transformers 4) or an output with the projection as pooler."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 class ColorClassifier:
-    """CLIP zero-shot colour of object crops: ``GENEVAL_COLORS`` x ``COLOR_TEMPLATES`` per class name."""
+    """CLIP zero-shot colour of object crops: ``GENEVAL_COLORS`` x ``COLOR_TEMPLATES`` per class name,
+    on a ``clip_scores.ClipEncoder`` (the ClipScore/Aesthetic loading and preprocessing path)."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, torch.device(device), dtype
-        self.image_size = int(model.config.vision_config.image_size)
+    def __init__(self, encoder: ClipEncoder) -> None:
+        self.encoder = encoder
         self._text: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
+    @property
+    def model(self) -> Any:
+        return self.encoder.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.encoder.tokenizer
+
     def text_weights(self, cls: str) -> torch.Tensor:
         """float32 ``[len(GENEVAL_COLORS), D]``: per colour, the renormalised mean of the templates' unit
         text embeddings (cached per class)."""
         if cls not in self._text:
             texts = [t.format(c=c, cls=cls) for c in GENEVAL_COLORS for t in COLOR_TEMPLATES]
-            tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            emb = F.normalize(_features(self.model.get_text_features(**tokens)).float(), dim=-1)
-            self._text[cls] = F.normalize(emb.view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1).mean(1), dim=-1)
+            emb = self.encoder.embed_texts(texts).view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1)
+            self._text[cls] = F.normalize(emb.mean(1), dim=-1)
         return self._text[cls]
 
-    @torch.no_grad()
     def image_features(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         """Unit CLIP image embeddings float32 ``[N, D]`` of uint8 crops of any sizes (one forward)."""
-        pixels = clip_pixels(np.stack([resize_center_crop(c, self.image_size) for c in crops]), self.image_size)
-        out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-        return F.normalize(_features(out).float(), dim=-1)
+        return self.encoder.embed_images(list(crops))
 
     def logits(self, crops: Sequence[np.ndarray], classes: Sequence[str]) -> torch.Tensor:
         """float32 ``[N, len(GENEVAL_COLORS)]``: ``100 * cos(crop, colour)`` against each crop's class."""
@@ -239,15 +236,13 @@ def load_mask2former_geneval(checkpoints: Mapping[str, str | None], *, allow_dow
     det_path = weights.locate(checkpoints, "mask2former", expect=("config.json", "preprocessor_config.json"),
                               hub_id=MASK2FORMER_HUB_ID, allow_download=allow_download,
                               what="Mask2Former Swin-S COCO instance segmentation, transformers format")
-    clip_path = weights.locate(checkpoints, "clip_vit_l14", expect=("config.json", "tokenizer_config.json"),
-                               hub_id=CLIP_HUB_ID, allow_download=allow_download,
-                               what="OpenAI CLIP ViT-L/14, transformers format")
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
+    clip_path = locate_model_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
+                                    MODEL_FILES + ("preprocessor_config.json", "tokenizer_config.json"))
+    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
     local = {"local_files_only": not allow_download}
     torch_dtype = weights.torch_dtype(dtype)
     detector = Mask2FormerForUniversalSegmentation.from_pretrained(det_path, **local)
     processor = AutoImageProcessor.from_pretrained(det_path, **local)
-    clip = CLIPModel.from_pretrained(clip_path, **local).eval().to(device=device, dtype=torch_dtype)
-    colors = ColorClassifier(clip, AutoTokenizer.from_pretrained(clip_path, **local), device, torch_dtype)
+    colors = ColorClassifier(load_clip(clip_path, device=device, dtype=dtype))
     return Mask2FormerGenEval(detector.to(device=device, dtype=torch_dtype), processor, colors, device, torch_dtype)
