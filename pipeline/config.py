@@ -21,6 +21,11 @@ from ruamel.yaml import YAML
 from pipeline.schema import ConfigError, build, require
 
 WeightingScheme = Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"]
+# The names of pipeline/benchmarks.py's FILES table (tests/test_benchmarks.py keeps the two equal); listed,
+# not imported, so that every stage loading this config does not depend on the fetching code.
+BenchmarkFileName = Literal["flowgrpo/geneval/test_metadata.jsonl", "flowgrpo/ocr/test.txt",
+                            "flowgrpo/drawbench/test.txt", "flowgrpo/pickscore/test.txt",
+                            "geneval/evaluation_metadata.jsonl", "geneval/object_names.txt"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class SynthConfig:
     text_fraction: float  # fraction of training images showing a rendered word
     num_eval_geneval: int  # prompts in the tiny GenEval-format evaluation set
     num_eval_ocr: int  # prompts in the tiny OCR evaluation set
+    num_heldout: int  # clean captioned images never trained on (eval/heldout/): the exposure-bias meter's data
     seed: int  # generator seed; same seed, same bytes
 
     def validate(self, where: str) -> None:
@@ -90,7 +96,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A ``train`` or ``pretrain`` section. Checkpoints go to ``<stage output>/checkpoints/checkpoint-{step}``;
+    """A ``train`` or ``pretrain`` section. Checkpoints go to ``<stage output>/checkpoints/checkpoint-{step}``
+    (full state, for resuming), snapshots to ``<stage output>/snapshots/step-{step:06d}/transformer`` (weights only);
     ``resume_from_checkpoint`` is for runs outside DVC or with ``persist: true`` outs, since ``dvc repro``
     deletes a stage's outputs (checkpoints included) before rerunning it."""
 
@@ -105,6 +112,7 @@ class TrainConfig:
     max_train_steps: int  # optimiser steps
     checkpointing_steps: int  # full-state checkpoint every this many optimiser steps (0 = none)
     checkpoints_total_limit: int | None  # keep this many newest checkpoints, the oldest deleted (null = all)
+    snapshot_steps: int  # every N steps save the sampled weights (EMA, LoRA merged) to <out>/snapshots (0 = none)
     resume_from_checkpoint: str | None  # null = fresh; "latest" = newest under <out>/checkpoints; or a folder
     ema_decay: float | None  # EMA of the weights per optimiser step (e.g. 0.999), saved as transformer/; null = off
     optimizer: Literal["adamw", "adamw_8bit"]  # torch AdamW, or bitsandbytes 8-bit AdamW (extra "bnb")
@@ -134,6 +142,7 @@ class TrainConfig:
         require(self.learning_rate > 0, where, "learning_rate", "must be > 0")
         require(0 <= self.cond_dropout_rate < 1, where, "cond_dropout_rate", "must be in [0, 1)")
         require(self.checkpointing_steps >= 0, where, "checkpointing_steps", "must be >= 0")
+        require(self.snapshot_steps >= 0, where, "snapshot_steps", "must be >= 0")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, where,
                 "checkpoints_total_limit", "must be null or >= 1")
         require(self.resume_from_checkpoint is None or self.resume_from_checkpoint.strip() != "", where,
@@ -167,6 +176,18 @@ class SoarConfig:
                 "must be null or >= 1 (below 1, r*sigma0 can fall under sigma1 and the range would be empty)")
         require(self.aux_microbatch is None or self.aux_microbatch >= 1, where, "aux_microbatch",
                 "must be null or >= 1")
+
+
+@dataclass(frozen=True)
+class BenchmarksConfig:
+    out_dir: str  # folder the public prompt files are written to, each under its name (+ manifest.json)
+    files: list[BenchmarkFileName]  # which of pipeline/benchmarks.py's files to obtain ([] = none, manifest only)
+    source: str | None  # null = their public GitHub addresses; else a mirror folder or http(s)/file URL base
+
+    def validate(self, where: str) -> None:
+        require(self.out_dir.strip() != "", where, "out_dir", "must not be empty")
+        require(len(set(self.files)) == len(self.files), where, "files", "names a file twice")
+        require(self.source is None or self.source.strip() != "", where, "source", "must be null or non-empty")
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,55 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class DynamicsConfig:
+    """Training dynamics: each ``train.snapshot_steps`` snapshot of SFT and SOAR sampled and scored like the
+    final models (``sample`` and ``score`` settings), giving reward-vs-step curves."""
+
+    out_dir: str  # samples to {out_dir}/{method}/step-{N:06d}/{set}/, curves to {out_dir}/{method}.csv
+    max_prompts_per_set: int | None  # prompts per set, evenly spaced in file order (every k-th); null = all
+
+    def validate(self, where: str) -> None:
+        require(self.out_dir.strip() != "", where, "out_dir", "must not be empty")
+        require(self.max_prompts_per_set is None or self.max_prompts_per_set >= 1, where, "max_prompts_per_set",
+                "must be null or >= 1")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The multi-seed study (``dvc repro study/dvc.yaml``, pipeline/study.py): SFT and SOAR trained from the
+    same base and data with several seeds, a lambda_aux x trajectory_length sweep, each evaluated like
+    the sample/score stages plus the exposure-bias meter (soar/exposure.py) on held-out images."""
+
+    out_dir: str  # per-run models and metrics: {out_dir}/runs/{run}/; tables: {out_dir}/report/
+    seeds: list[int]  # train.seed of the SFT and SOAR runs (>= 2 for an interval; 3 by default)
+    lambda_aux: list[float]  # sweep values of soar.lambda_aux (run with seeds[0])
+    trajectory_length: list[int]  # sweep values of soar.trajectory_length (run with seeds[0])
+    sampling_steps: list[int]  # Euler steps at which base and seed runs are also scored (final metric vs steps)
+    heldout_jsonl: str  # held-out captioned images ({"md5", "caption_en", "bw", "bh"} lines) for the meter
+    heldout_image_dir: str  # folder of the held-out images ({md5}.jpg)
+    heldout_images: int | None  # first N held-out images used by the meter; null = all
+    drift_starts: list[int]  # indices into the sampler's sigmas (sample.num_inference_steps) where meter rollouts start
+    drift_max_k: int  # sampler steps per meter rollout (k = 1..drift_max_k)
+    drift_seed: int  # seed of the meter's noise z1 (the same noise for every model)
+    confidence: float  # level of the SOAR - SFT interval (Welch), e.g. 0.95
+    experiment: str  # MLflow experiment of the study's runs (one parent run per configuration, seeds nested)
+
+    def validate(self, where: str) -> None:
+        require(len(self.seeds) >= 2 and len(set(self.seeds)) == len(self.seeds), where, "seeds",
+                "needs >= 2 distinct seeds")
+        require(all(v > 0 for v in self.lambda_aux), where, "lambda_aux", "values must be > 0")
+        require(all(v >= 1 for v in self.trajectory_length), where, "trajectory_length", "values must be >= 1")
+        require(len(self.sampling_steps) > 0 and all(v >= 1 for v in self.sampling_steps), where, "sampling_steps",
+                "needs values >= 1")
+        require(len(self.drift_starts) > 0 and all(v >= 0 for v in self.drift_starts), where, "drift_starts",
+                "needs indices >= 0")
+        require(self.drift_max_k >= 1, where, "drift_max_k", "must be >= 1")
+        require(self.heldout_images is None or self.heldout_images >= 1, where, "heldout_images",
+                "must be null or >= 1")
+        require(0 < self.confidence < 1, where, "confidence", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     experiment: str  # MLflow experiment name
     tracking_uri: str | None  # null: $MLFLOW_TRACKING_URI or sqlite mlflow.db at the repo root
@@ -237,8 +307,11 @@ class Config:
     pretrain: TrainConfig | None = None
     train: TrainConfig | None = None
     soar: SoarConfig | None = None
+    benchmarks: BenchmarksConfig | None = None
     sample: SampleConfig | None = None
     score: ScoreConfig | None = None
+    dynamics: DynamicsConfig | None = None
+    study: StudyConfig | None = None
     mlflow: MlflowConfig | None = None
     launch: LaunchConfig | None = None
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{params} <- {profile_path(args.root, args.name)}")
     if args.name != "tiny":
-        print("now edit the local paths it names (model.base_path, data.*, sample.prompt_sets.*); "
+        print("now edit the local paths it names (model.base_path, data.*, score.checkpoints.*); "
               "how to run it: docs/paper_profile.md")
     return 0
 

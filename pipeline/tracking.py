@@ -76,23 +76,51 @@ class StageRun:
             self._mlflow.log_text(text, name)
 
 
+def use_experiment(mlflow_cfg, experiment: str | None = None):
+    """Point mlflow at the configured store and experiment (``experiment`` overrides the config's); returns mlflow."""
+    import mlflow
+
+    name = experiment or mlflow_cfg.experiment
+    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg.tracking_uri))
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = (repo_root() / "mlruns").as_uri() if "sqlite" in tracking_uri(mlflow_cfg.tracking_uri) else None
+        mlflow.create_experiment(name, artifact_location=artifacts)
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def group_run(mlflow_cfg, experiment: str, group: str, tags: Mapping[str, str] | None = None) -> str:
+    """The id of the parent run named ``group`` in ``experiment`` (created once, found by its ``group`` tag).
+
+    Runs started with ``parent_run_id`` = this id show as its children in the MLflow UI, so the seeds
+    of one configuration sit together (and compare side by side).
+    """
+    mlflow = use_experiment(mlflow_cfg, experiment)
+    found = mlflow.search_runs(filter_string=f"tags.group = '{group}' and tags.group_parent = 'true'",
+                               max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=group, tags={"group": group, "group_parent": "true", **(tags or {})}) as run:
+        return run.info.run_id
+
+
 @contextlib.contextmanager
-def stage_run(mlflow_cfg, stage: str, method: str, params: Mapping[str, Any],
-              main_process: bool = True) -> Iterator[StageRun]:
-    """Open the run for one stage execution; yields a no-op handle on non-main processes."""
+def stage_run(mlflow_cfg, stage: str, method: str, params: Mapping[str, Any], main_process: bool = True, *,
+              experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """Open the run for one stage execution; yields a no-op handle on non-main processes.
+
+    ``experiment`` / ``run_name`` override the config's experiment and ``{stage}:{method}``;
+    ``parent_run_id`` nests the run under a group run (``group_run``); ``tags`` are added to the standard ones.
+    """
     if not main_process:
         yield StageRun(None, active=False)
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg.tracking_uri))
-    if mlflow.get_experiment_by_name(mlflow_cfg.experiment) is None:
-        artifacts = (repo_root() / "mlruns").as_uri() if "sqlite" in tracking_uri(mlflow_cfg.tracking_uri) else None
-        mlflow.create_experiment(mlflow_cfg.experiment, artifact_location=artifacts)
-    mlflow.set_experiment(mlflow_cfg.experiment)
-    tags = {"method": method, "stage": stage, "git_commit": git_commit(),
-            "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": os.environ.get("DVC_STAGE", "")}
-    with mlflow.start_run(run_name=f"{stage}:{method}", tags=tags):
+    mlflow = use_experiment(mlflow_cfg, experiment)
+    all_tags = {"method": method, "stage": stage, "git_commit": git_commit(),
+                "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": os.environ.get("DVC_STAGE", ""),
+                **(tags or {})}
+    with mlflow.start_run(run_name=run_name or f"{stage}:{method}", tags=all_tags, parent_run_id=parent_run_id):
         flat = flatten("", params)
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         yield StageRun(mlflow, active=True)

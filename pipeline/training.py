@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from pipeline.config import SoarConfig, TrainConfig
-from pipeline.tracking import stage_run
+from pipeline.tracking import StageRun, stage_run
 from soar.data.jsonl import read_clean_records
 from soar.finetune import LoraSettings
 from soar.latent_cache import LatentCache, codec_key
@@ -48,7 +49,7 @@ def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
         checkpointing_steps=t.checkpointing_steps, gradient_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=dataloader_num_workers, log_every=t.log_every,
         checkpoints_total_limit=t.checkpoints_total_limit, resume_from_checkpoint=t.resume_from_checkpoint,
-        ema_decay=t.ema_decay, optimizer=t.optimizer,
+        ema_decay=t.ema_decay, optimizer=t.optimizer, snapshot_steps=t.snapshot_steps,
         lora=None if t.lora_rank is None else LoraSettings(t.lora_rank, t.lora_alpha, tuple(t.lora_target_modules)))
 
 
@@ -75,12 +76,14 @@ def validation_logger(run, stage: str, method: str):
 def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
-                 model_dir: str | Path | None = None, latent_cache: str | Path | None = None) -> dict[str, float]:
+                 model_dir: str | Path | None = None, latent_cache: str | Path | None = None,
+                 run: StageRun | None = None) -> dict[str, float]:
     """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0.
 
     ``text_cache``: the embed stage's file, checked against the text encoders of ``model_dir`` (the
     bundle's folder); the encoders are then dropped. None: captions are encoded once at the start.
     ``latent_cache``: folder of the VAE latent cache (keyed by ``model_dir``'s codec files); None: encode per step.
+    ``run``: an open MLflow run to log into (the study's per-seed runs); None opens ``{stage}:{method}``.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
@@ -97,7 +100,9 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
         text = load_cache(text_cache, model_dir, t5_max_length=bundle.t5_max_length,
                           joint_attention_dim=bundle.transformer.config.joint_attention_dim)
         free_text_encoders(bundle)
-    with stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process) as run:
+    opened = (contextlib.nullcontext(run) if run is not None
+              else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process))
+    with opened as run:
         def log(metrics: dict[str, float], step: int) -> None:
             run.log_metrics(metrics, step=step)
             if accelerator.is_main_process:

@@ -13,6 +13,9 @@ State and failures (checkpoint format and atomic writes: ``soar.checkpoint``):
 - every ``checkpointing_steps`` steps a full-state checkpoint goes to ``{out_dir}/checkpoints``;
   ``resume_from_checkpoint`` (None | "latest" | a folder) restores it exactly: weights, optimiser,
   LR schedule, RNG states, the step's own generator, the data-sampler position and the EMA;
+- every ``snapshot_steps`` steps the weights sampling would use (EMA, LoRA merged) go to
+  ``{out_dir}/snapshots/step-{N:06d}/transformer``, weights only, for training-dynamics curves
+  (``soar.snapshots``; saving from a CPU copy leaves training untouched, snapshots of a resumed run stay);
 - a NaN/inf loss skips that step's update, checkpoints the last good state (weights, generator and
   sampler position before the bad step) and raises ``FloatingPointError`` naming the step and folder;
 - an out-of-memory error is re-raised naming the batch-size and aux micro-batch settings;
@@ -44,6 +47,7 @@ from soar.finetune import LoraSettings, make_optimizer, prepare_trainable, save_
 from soar.flow import TIMESTEP_SCALE, sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
+from soar.snapshots import cpu_copy, sampling_weights, write_snapshot
 from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
 from soar.validation import ValidationSettings, validation_images
@@ -74,6 +78,7 @@ class LoopSettings:
     ema_decay: float | None = None  # EMA of the weights with this decay (None = off)
     optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (soar.finetune.make_optimizer)
     lora: LoraSettings | None = None  # None = full fine-tuning; else peft LoRA adapters train
+    snapshot_steps: int = 0  # save the sampled weights to out_dir/snapshots every this many steps (0 = none)
 
 
 def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> TextTable:
@@ -143,6 +148,8 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         bundle.codec.to(device)
     bundle.offload_text_encoders()
     transformer = bundle.transformer.train()
+    if loop.lora is not None:  # peft draws the adapters' initial values from torch's global generator
+        torch.manual_seed(loop.seed)
     trainable = prepare_trainable(transformer, loop.lora)  # all weights, or LoRA adapters on frozen ones
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -253,11 +260,25 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
                 on_validation(images, global_step)
             if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0:
                 save(good)
+            if loop.snapshot_steps and global_step % loop.snapshot_steps == 0:
+                save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop.lora)
             if global_step >= loop.max_train_steps:
                 break
         epoch, start = epoch + 1, 0
     save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop.lora)
     return last
+
+
+def save_snapshot(accelerator: Accelerator, transformer, out_dir: Path, step: int, ema: EMA | None, weights: list,
+                  lora: LoraSettings | None) -> None:
+    """From the main process: the weights sampling would use at ``step`` (EMA when on, LoRA merged) to
+    ``out_dir/snapshots`` (``soar.snapshots``), saved from a CPU copy so training is untouched. Every process
+    calls it (a barrier)."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(transformer)
+        folder = write_snapshot(cpu_copy(model, sampling_weights(weights, ema)), out_dir, step, lora)
+        accelerator.print(f"snapshot of step {step}: {folder}")
+    accelerator.wait_for_everyone()
 
 
 def save_outputs(accelerator: Accelerator, transformer, out_dir: Path, ema: EMA | None, weights: list,

@@ -55,6 +55,8 @@ def edited(raw, dotted: str, value):
     ("model.tiny.patch_size", 5, "params.yaml.model.tiny.sample_size: must divide by patch_size"),
     ("sample.prompt_sets.ocr.format", "csv", "params.yaml.sample.prompt_sets.ocr.format: 'csv' is not one of"),
     ("train.seed", True, "params.yaml.train.seed: expected an integer"),
+    ("train.snapshot_steps", -1, "params.yaml.train.snapshot_steps: must be >= 0"),
+    ("dynamics.max_prompts_per_set", 0, "params.yaml.dynamics.max_prompts_per_set: must be null or >= 1"),
 ])
 def test_bad_values_name_the_key(raw, key, value, message):
     with pytest.raises(ConfigError) as err:
@@ -90,7 +92,7 @@ def _declared_sections(stage: dict) -> set[str]:
 
 
 STAGE_MODULES = {"synth": "PARAMS", "prepare": "PARAMS", "pretrain": "PARAMS", "sample": "PARAMS",
-                 "score": "PARAMS", "report": "PARAMS"}
+                 "score": "PARAMS", "report": "PARAMS", "benchmarks": "PARAMS", "dynamics": "PARAMS"}
 
 
 def test_dvc_stages_declare_the_sections_their_code_loads():

@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 MODULE_OF = {"synth": "synth", "prepare": "prepare", "pretrain": "pretrain", "train": "train", "sample": "sample",
-             "score": "score", "report": "report"}
+             "score": "score", "report": "report", "benchmarks": "benchmarks", "dynamics": "dynamics"}
 
 
 def project_sources(stage_module: str) -> set[str]:
@@ -28,10 +28,25 @@ def project_sources(stage_module: str) -> set[str]:
     return files
 
 
+STUDY = yaml.safe_load((ROOT / "study" / "dvc.yaml").read_text())["stages"]  # wdir: the repo root
+STUDY_MODULE_OF = {"base": "study", "seed": "study", "sweep": "study", "report": "study_report"}
+
+
+@pytest.mark.parametrize("stage", sorted(STUDY_MODULE_OF))
+def test_study_stage_deps_cover_imported_source(stage):
+    spec = STUDY[stage]
+    assert spec["wdir"] == ".." and spec["cmd"].startswith(f"python -m stages.{STUDY_MODULE_OF[stage]}")
+    assert_deps_cover(f"study/dvc.yaml stage {stage!r}", spec["deps"], STUDY_MODULE_OF[stage])
+
+
+def assert_deps_cover(label: str, deps: list[str], module: str) -> None:
+    deps = [d for d in deps if "${" not in d]
+    missing = [f for f in sorted(project_sources(module))
+               if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
+    assert not missing, f"{label} lacks deps: {missing}"
+
+
 @pytest.mark.parametrize("stage", sorted(MODULE_OF))
 def test_stage_deps_cover_imported_source(stage):
     spec = STAGES[stage].get("do", STAGES[stage])
-    deps = [d for d in spec["deps"] if "${" not in d]
-    missing = [f for f in sorted(project_sources(MODULE_OF[stage]))
-               if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
-    assert not missing, f"dvc.yaml stage {stage!r} lacks deps: {missing}"
+    assert_deps_cover(f"dvc.yaml stage {stage!r}", spec["deps"], MODULE_OF[stage])

@@ -106,3 +106,14 @@ def test_bundle_without_text_encoders_trains_from_a_text_table(world, tmp_path):
     metrics = train(bundle, RECORDS, image_dir, loop, STEP, tmp_path, accelerator, lambda m, s: None, text=table)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert (tmp_path / "transformer" / "config.json").is_file()
+
+
+def test_lora_runs_are_reproducible_whatever_the_global_generator(world, tmp_path):
+    model_dir, image_dir = world
+    torch.manual_seed(123)
+    run_train(model_dir, image_dir, tmp_path / "a", lora=LORA, **PLAIN)
+    torch.manual_seed(456)  # peft initialises adapters from the global generator: the trainer seeds it
+    run_train(model_dir, image_dir, tmp_path / "b", lora=LORA, **PLAIN)
+    a = load_file(tmp_path / "a" / LORA_DIR / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / LORA_DIR / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -27,11 +27,11 @@ from helpers import TINY_ARCH
 import stages.common
 import stages.sample
 from pipeline.config import parse_config, read_params
+from pipeline.sampler import fixed_batches, shard
 from pipeline.samples import INDEX, SETTINGS, TMP_PREFIX, prepare_set_dir
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, write_tiny_model
 from soar.sampling import image_seed, sample
-from stages.sample import fixed_batches, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]

@@ -37,7 +37,7 @@ from soar.rewards.geneval_rules import evaluate, load_metadata_jsonl
 from soar.rewards.tiny_detector import TinyDetector
 
 ARGS = {"num_images": 60, "image_size": 64, "degraded_fraction": 0.25, "text_fraction": 0.2,
-        "num_eval_geneval": 24, "num_eval_ocr": 10, "seed": 3}
+        "num_eval_geneval": 24, "num_eval_ocr": 10, "num_heldout": 16, "seed": 3}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -65,6 +65,21 @@ def test_deterministic_and_seed_sensitive(world, tmp_path):
     other = generate_world(tmp_path / "other", **{**ARGS, "seed": 4})
     assert other["num_images"] == summary["num_images"]
     assert (tmp_path / "other" / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()
+
+
+def test_heldout_images_are_clean_and_never_trained_on(world):
+    out, summary = world
+    held = _lines(out / "eval" / "heldout" / "heldout.jsonl")
+    train = {r["md5"] for r in _lines(out / "train.jsonl")}
+    assert len(held) == ARGS["num_heldout"] == summary["num_heldout"]
+    assert len({r["md5"] for r in held}) == len(held) and not train & {r["md5"] for r in held}
+    files = sorted((out / "eval" / "heldout" / "images").glob("*.jpg"))
+    assert [p.stem for p in files] == sorted(r["md5"] for r in held)
+    for row in held:
+        data = (out / "eval" / "heldout" / "images" / f"{row['md5']}.jpg").read_bytes()
+        assert hashlib.md5(data).hexdigest() == row["md5"]
+    assert any(r["caption_en"].startswith("a sign") for r in held) or ARGS["text_fraction"] * len(held) < 2
+    assert any(r["caption_en"].startswith("a photo") for r in held)
 
 
 def test_train_format_and_md5(world):

@@ -10,7 +10,9 @@ OCR format: ``a sign that says "CAT"``. A fraction of training images is strongl
 and/or noise) for the quality filter to remove (see ``soar.data.quality``).
 
 ``generate_world`` writes the HY-SOAR training layout (``train.jsonl`` + ``images/{md5}.jpg``) and the
-held-out prompt sets ``eval/geneval/metadata.jsonl`` and ``eval/ocr/prompts.txt``. Output bytes are a
+held-out prompt sets ``eval/geneval/metadata.jsonl`` and ``eval/ocr/prompts.txt``, and held-out
+captioned images ``eval/heldout/heldout.jsonl`` + ``eval/heldout/images/`` (clean, never in training; the
+exposure-bias meter's data path). Output bytes are a
 function of the arguments only: every image draws from its own ``numpy`` generator seeded by
 ``(seed, stream, index)``.
 """
@@ -49,7 +51,7 @@ WORDS = (
 TEXT_TEMPLATE = 'a sign that says "{word}"'
 COLORIZE_PROB = 0.5  # training captions of uncoloured tags that spell out the rendered colours
 # independent random streams (seed, stream, index)
-TRAIN_STREAM, SELECT_STREAM, GENEVAL_STREAM, OCR_STREAM = 1, 2, 3, 4
+TRAIN_STREAM, SELECT_STREAM, GENEVAL_STREAM, OCR_STREAM, HELDOUT_STREAM = 1, 2, 3, 4, 5
 MAX_DUPLICATE_RETRIES = 20
 RELATION_JITTER = (-1.0, 0.0, 1.0)  # pixels; a position layout must hold under these box shifts
 
@@ -177,8 +179,9 @@ def parse_caption(caption: str) -> dict[str, Any] | None:
     return None
 
 
-def _train_example(index: int, kind: str, degraded: bool, image_size: int, seed: int, attempt: int):
-    rng = np.random.default_rng([seed, TRAIN_STREAM, index, attempt])
+def _train_example(index: int, kind: str, degraded: bool, image_size: int, seed: int, attempt: int,
+                   stream: int = TRAIN_STREAM):
+    rng = np.random.default_rng([seed, stream, index, attempt])
     if kind == "text":
         word = _pick(rng, WORDS)[0]
         image, caption = render_text(word, image_size, rng), TEXT_TEMPLATE.format(word=word)
@@ -193,6 +196,34 @@ def _train_example(index: int, kind: str, degraded: bool, image_size: int, seed:
     return encode_jpeg(image), caption, mode
 
 
+def _write_examples(jsonl: Path, image_dir: Path, kinds: list[str], degraded: np.ndarray, image_size: int,
+                    seed: int, stream: int, seen: set[str]) -> tuple[Counter, Counter]:
+    """Render example i of ``kinds[i]`` from stream ``stream``, write ``image_dir/{md5}.jpg`` and its JSONL line.
+
+    A render equal to an earlier one (``seen``: md5s written so far, training ones included) is redrawn.
+    Returns the counts per kind and per degradation mode.
+    """
+    image_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    with jsonl.open("w", encoding="utf-8") as f:
+        for i, kind in enumerate(kinds):
+            for attempt in range(MAX_DUPLICATE_RETRIES):
+                data, caption, mode = _train_example(i, kind, bool(degraded[i]), image_size, seed, attempt, stream)
+                md5 = hashlib.md5(data).hexdigest()
+                if md5 not in seen:
+                    break
+            else:
+                raise RuntimeError(f"{jsonl.name} image {i}: {MAX_DUPLICATE_RETRIES} renders all repeat earlier images")
+            seen.add(md5)
+            (image_dir / f"{md5}.jpg").write_bytes(data)
+            f.write(json.dumps({"md5": md5, "caption_en": caption, "bw": image_size, "bh": image_size}) + "\n")
+            counts[kind] += 1
+            if mode:
+                modes[mode] += 1
+    return counts, modes
+
+
 def generate_world(
     out_dir: Path,
     *,
@@ -202,18 +233,18 @@ def generate_world(
     text_fraction: float = 0.2,
     num_eval_geneval: int = 120,
     num_eval_ocr: int = 60,
+    num_heldout: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the tiny world under ``out_dir`` and return a summary (counts per kind, degraded count)."""
     for name, frac in (("degraded_fraction", degraded_fraction), ("text_fraction", text_fraction)):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"generate_world: {name} must be in [0, 1], got {frac}")
-    if num_images < 0 or num_eval_geneval < 0 or num_eval_ocr < 0 or image_size < 16:
+    if min(num_images, num_eval_geneval, num_eval_ocr, num_heldout) < 0 or image_size < 16:
         raise ValueError(f"generate_world: bad sizes num_images={num_images}, image_size={image_size}, "
                          f"num_eval_geneval={num_eval_geneval}, num_eval_ocr={num_eval_ocr}")
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
     select = np.random.default_rng([seed, SELECT_STREAM])
     is_text = np.zeros(num_images, dtype=bool)
     is_text[select.permutation(num_images)[: round(text_fraction * num_images)]] = True
@@ -221,28 +252,21 @@ def generate_world(
     is_degraded[select.permutation(num_images)[: round(degraded_fraction * num_images)]] = True
     shape_kinds = select.integers(len(TAGS), size=num_images)
 
-    kinds: Counter[str] = Counter()
-    modes: Counter[str] = Counter()
     seen: set[str] = set()
-    with (out_dir / "train.jsonl").open("w", encoding="utf-8") as f:
-        for i in range(num_images):
-            kind = "text" if is_text[i] else TAGS[shape_kinds[i]]
-            for attempt in range(MAX_DUPLICATE_RETRIES):
-                data, caption, mode = _train_example(i, kind, bool(is_degraded[i]), image_size, seed, attempt)
-                md5 = hashlib.md5(data).hexdigest()
-                if md5 not in seen:
-                    break
-            else:
-                raise RuntimeError(f"image {i}: {MAX_DUPLICATE_RETRIES} renders all duplicated earlier images")
-            seen.add(md5)
-            (image_dir / f"{md5}.jpg").write_bytes(data)
-            f.write(json.dumps({"md5": md5, "caption_en": caption, "bw": image_size, "bh": image_size}) + "\n")
-            kinds[kind] += 1
-            if mode:
-                modes[mode] += 1
-    for stale in image_dir.glob("*.jpg"):  # left over from an earlier run with other arguments
-        if stale.stem not in seen:
-            stale.unlink()
+    train_kinds = ["text" if is_text[i] else TAGS[shape_kinds[i]] for i in range(num_images)]
+    kinds, modes = _write_examples(out_dir / "train.jsonl", image_dir, train_kinds, is_degraded, image_size, seed,
+                                   TRAIN_STREAM, seen)
+    # held-out images (clean, same mix of kinds, own stream, never a training image): the exposure-bias meter's data
+    heldout_dir = out_dir / "eval" / "heldout"
+    held = np.random.default_rng([seed, HELDOUT_STREAM])
+    held_kinds = ["text" if held.random() < text_fraction else TAGS[held.integers(len(TAGS))]
+                  for _ in range(num_heldout)]
+    _write_examples(heldout_dir / "heldout.jsonl", heldout_dir / "images", held_kinds,
+                    np.zeros(num_heldout, dtype=bool), image_size, seed, HELDOUT_STREAM, seen)
+    for folder in (image_dir, heldout_dir / "images"):
+        for stale in folder.glob("*.jpg"):  # left over from an earlier run with other arguments
+            if stale.stem not in seen:
+                stale.unlink()
 
     geneval_dir, ocr_dir = out_dir / "eval" / "geneval", out_dir / "eval" / "ocr"
     geneval_dir.mkdir(parents=True, exist_ok=True)
@@ -266,5 +290,6 @@ def generate_world(
         "num_eval_geneval": num_eval_geneval,
         "eval_geneval_per_tag": dict(sorted(eval_tags.items())),
         "num_eval_ocr": num_eval_ocr,
+        "num_heldout": num_heldout,
         "seed": seed,
     }

@@ -1,0 +1,121 @@
+"""Training dynamics: every snapshot of a post-training run sampled and scored like the final models.
+
+For each snapshot ``{models_dir}/{method}/snapshots/step-{N:06d}/transformer`` (``soar.snapshots``), in
+step order, the evaluation prompt sets are sampled exactly as the sample stage does (``pipeline.sampler``:
+same seeds, steps, CFG, batches; on any number of processes, resumable) into
+``{dynamics.out_dir}/{method}/step-{N:06d}/{set}/`` and scored with ``score.scorers``
+(``pipeline.evaluation``). ``dynamics.max_prompts_per_set`` keeps that many prompts of each set, evenly
+spaced in file order, each with the seed it has in the full set.
+
+Step 0 is the base model, never sampled again: its ``metrics.json`` from the score stage when every
+prompt is evaluated, else its per-image ``scores.jsonl`` records of the kept prompts, aggregated by the
+same scorers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from pipeline.evaluation import read_records, score_samples, set_metrics
+from pipeline.sampler import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets, sampling_dtype
+from soar.models.bundle import SD3Bundle, load_transformer
+from soar.rewards import Scorer
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"step-\d+")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """``{root}/step-{step:06d}``: the samples of one snapshot."""
+    return root / f"step-{step:06d}"
+
+
+def remove_stale_steps(root: Path, steps: list[int]) -> list[Path]:
+    """Delete the ``step-*`` folders under ``root`` of steps not in ``steps`` (an older run's); returns them."""
+    keep = {step_dir(root, s).name for s in steps}
+    stale = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.name not in keep] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
+
+
+class SnapshotLoader:
+    """The base bundle on ``device``, loaded once when first needed; each call swaps in one snapshot's transformer."""
+
+    def __init__(self, base_path: str | Path, t5_max_length: int, device: torch.device) -> None:
+        self.base_path, self.t5_max_length, self.device = base_path, t5_max_length, device
+        self.bundle: SD3Bundle | None = None
+
+    def __call__(self, transformer: Path) -> SD3Bundle:
+        if self.bundle is None:
+            self.bundle = open_bundle(self.base_path, transformer, self.t5_max_length, self.device)
+        else:
+            self.bundle.transformer = None  # free the previous snapshot first
+            self.bundle.transformer = load_transformer(transformer).to(self.device, sampling_dtype(self.device))
+        return self.bundle
+
+    def release(self) -> None:
+        """Drop the bundle (and the accelerator memory it held)."""
+        self.bundle = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root: Path, cfg
+                     ) -> dict[int, dict[str, SetPlan]]:
+    """Sample every snapshot's prompt sets under ``root`` (collective); returns ``{step: sets}``.
+
+    The main process first removes step folders of snapshots that no longer exist, and at the end writes
+    the indexes. ``cfg``: the config with ``model``, ``sample`` and ``dynamics``.
+    """
+    plans = {step: plan_sets(cfg.sample, step_dir(root, step), cfg.dynamics.max_prompts_per_set)
+             for step, _ in snapshots}
+    if state.is_main_process:
+        for p in remove_stale_steps(root, list(plans)):
+            log.info("dynamics %s: removed %s (no such snapshot now)", method, p)
+    state.wait_for_everyone()
+    loader = SnapshotLoader(cfg.model.base_path, cfg.model.t5_max_length, state.device)
+    for step, transformer in snapshots:
+        made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample,
+                           digest=lambda t=transformer: model_digest(cfg.model.base_path, t),
+                           load=lambda t=transformer: loader(t))
+        if state.is_main_process:
+            complete_sets(plans[step])
+            print(f"dynamics {method}: step {step}: {made} new images", flush=True)
+    loader.release()
+    return plans
+
+
+def base_point(score_dir: Path, cfg, scorers: Mapping[str, Scorer] | None) -> dict[str, float]:
+    """Step 0: the base model's metrics over the evaluated prompts (see the module doc).
+
+    ``score_dir``: the score stage's folder of the base model; ``scorers`` are needed only when
+    ``dynamics.max_prompts_per_set`` is set.
+    """
+    if cfg.dynamics.max_prompts_per_set is None:
+        path = score_dir / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"base metrics not found: {path} (run score@base)")
+        return json.loads(path.read_text())
+    sets = plan_sets(cfg.sample, score_dir, cfg.dynamics.max_prompts_per_set)  # the evaluated entries
+    plan = cfg.score.scorers
+    keep = {name: {(e["prompt_index"], e["image_index"]) for e in sets[name][1]} for name in plan}
+    return set_metrics(scorers, plan, read_records(score_dir / "scores.jsonl", plan, keep))
+
+
+def score_snapshots(scorers: Mapping[str, Scorer], cfg, method: str, root: Path, steps: list[int]
+                    ) -> list[dict[str, float]]:
+    """``{"step": N, metric: value, ...}`` for each sampled step under ``root``."""
+    rows = []
+    for step in steps:
+        metrics, _ = score_samples(scorers, cfg.score.scorers, step_dir(root, step), cfg.score.batch_size,
+                                   f"{method}@{step}")
+        rows.append({"step": step, **metrics})
+    return rows

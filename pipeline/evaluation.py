@@ -1,0 +1,91 @@
+"""Scoring sampled prompt sets: per-image records, per-set metrics (the score and dynamics stages).
+
+``plan`` is ``score.scorers``: prompt set -> names of the scorers applied to it. A scorer used on one
+set reports its metrics under their own names (``pickscore``: the report's columns); a scorer used on
+several sets reports ``{set}/{metric}`` for each, so no set's number overwrites another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.samples import load_image, read_index
+from soar.rewards import Scorer, ScoreRecord
+
+Plan = Mapping[str, Sequence[str]]  # prompt set -> scorer names
+Records = dict[str, dict[str, list[ScoreRecord]]]  # set -> scorer -> one record per entry, in entry order
+
+
+def scorer_names(plan: Plan) -> list[str]:
+    """Every scorer the plan uses, once, sorted."""
+    return sorted({n for names in plan.values() for n in names})
+
+
+def score_entries(scorers: Mapping[str, Scorer], names: Sequence[str], set_dir: Path, entries: list[dict],
+                  batch_size: int, desc: str) -> dict[str, list[ScoreRecord]]:
+    """Apply each named scorer to the images of ``entries`` (under ``set_dir``), ``batch_size`` at a time."""
+    records: dict[str, list[ScoreRecord]] = {n: [] for n in names}
+    for lo in tqdm(range(0, len(entries), batch_size), desc=desc, unit="batch"):
+        batch = entries[lo:lo + batch_size]
+        images = np.stack([load_image(set_dir / e["path"]) for e in batch])
+        for n in names:
+            records[n].extend(scorers[n].score(images, [e["prompt"] for e in batch], [e["metadata"] for e in batch]))
+    return records
+
+
+def set_metrics(scorers: Mapping[str, Scorer], plan: Plan, records: Records) -> dict[str, float]:
+    """Each scorer's aggregate over each of its sets, named as in the module doc."""
+    uses = Counter(n for names in plan.values() for n in names)
+    metrics: dict[str, float] = {}
+    for set_name, names in plan.items():
+        for n in names:
+            prefix = f"{set_name}/" if uses[n] > 1 else ""
+            metrics.update({prefix + k: v for k, v in scorers[n].aggregate(records[set_name][n]).items()})
+    return metrics
+
+
+def score_rows(plan: Plan, entries: Mapping[str, list[dict]], records: Records) -> list[dict]:
+    """One ``scores.jsonl`` line per (set, scorer, image)."""
+    return [{"set": set_name, "scorer": n, "prompt_index": e["prompt_index"], "image_index": e["image_index"],
+             "prompt": e["prompt"], "score": r.score, "details": r.details}
+            for set_name, names in plan.items() for n in names
+            for e, r in zip(entries[set_name], records[set_name][n], strict=True)]
+
+
+def score_samples(scorers: Mapping[str, Scorer], plan: Plan, samples_dir: Path, batch_size: int,
+                  label: str) -> tuple[dict[str, float], list[dict]]:
+    """Score every set of ``plan`` sampled under ``samples_dir/{set}``: ``(metrics, scores.jsonl rows)``."""
+    entries, records = {}, {}
+    for set_name, names in plan.items():
+        set_dir = Path(samples_dir) / set_name
+        entries[set_name] = read_index(set_dir)
+        records[set_name] = score_entries(scorers, names, set_dir, entries[set_name], batch_size,
+                                          f"score {label}/{set_name}")
+    return set_metrics(scorers, plan, records), score_rows(plan, entries, records)
+
+
+def read_records(scores_jsonl: Path, plan: Plan, keep: Mapping[str, Collection[tuple[int, int]]]) -> Records:
+    """The records of a ``scores.jsonl`` for the ``(prompt index, image index)`` pairs ``keep`` names per set.
+
+    Every kept pair must be there for each of the set's scorers (else an error naming the file).
+    """
+    if not scores_jsonl.is_file():
+        raise FileNotFoundError(f"scores not found: {scores_jsonl} (run the score stage)")
+    records: Records = {s: {n: [] for n in names} for s, names in plan.items()}
+    for line in scores_jsonl.read_text().splitlines():
+        row = json.loads(line)
+        wanted = records.get(row["set"], {}).get(row["scorer"])
+        if wanted is not None and (row["prompt_index"], row["image_index"]) in keep[row["set"]]:
+            wanted.append(ScoreRecord(row["score"], row["details"]))
+    for set_name, by_scorer in records.items():
+        for n, found in by_scorer.items():
+            if len(found) != len(keep[set_name]):
+                raise ValueError(f"{scores_jsonl}: {len(found)} of {len(keep[set_name])} {set_name!r} images scored "
+                                 f"by {n!r} (score the same prompt sets again)")
+    return records

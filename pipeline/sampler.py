@@ -1,0 +1,165 @@
+"""Sampling evaluation prompt sets to disk on any number of processes (the sample and dynamics stages).
+
+Each prompt set's entries (prompt i, image j) in file order are cut into fixed batches of
+``sample.batch_size``; the batches not complete on disk are dealt round-robin to the processes
+(rank r takes every world-size-th one), so no image is made twice and none is padded in. A batch's
+composition never depends on the number of processes or on what is already done, so 1 or N
+processes and a resumed run give the same bytes (``soar.sampling`` explains why that matters).
+Image (i, j) starts from its own noise, seeded ``image_seed(sample.seed, i, j)``.
+
+Resuming: every PNG is written atomically, so a rerun after a kill keeps the complete ones and
+samples only the batches that miss an image (writing the missing ones). Before anything is written,
+the main process checks each set folder's ``sampling.json`` (model digest, sampler settings, prompts,
+dtype): other settings empty the folder, and leftover ``.tmp-*`` files are removed.
+
+On a GPU the whole bundle runs in bf16; on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.samples import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
+from soar.data.prompts import read_prompt_set
+from soar.models.bundle import SD3Bundle, load_bundle
+from soar.sampling import image_seed, sample
+
+NEGATIVE_PROMPT = ""  # the paper's negative prompt
+SetPlan = tuple[Path, list[dict]]  # a prompt set's folder and its entries (index lines)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward's worth of entries of one prompt set (fixed by the set and the batch size)."""
+
+    set_name: str
+    set_dir: Path
+    entries: tuple[dict, ...]
+
+
+def spread(n: int, k: int | None) -> list[int]:
+    """``k`` indices evenly spaced over ``range(n)`` (``i * n // k``, from 0); all ``n`` when k is None or >= n."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
+def set_entries(set_dir: Path, path: str, fmt: str, images_per_prompt: int, seed: int,
+                max_prompts: int | None = None) -> list[dict]:
+    """Every image of one prompt set in order (prompt index, then image index), as index lines.
+
+    ``max_prompts``: only that many prompts, evenly spaced in file order (``spread``); they keep their
+    index in the file, hence their seeds and folder names.
+    """
+    items = read_prompt_set(path, fmt)
+    entries = []
+    for item in (items[i] for i in spread(len(items), max_prompts)):
+        for j in range(images_per_prompt):
+            entries.append({"prompt_index": item.index, "image_index": j, "prompt": item.prompt,
+                            "seed": image_seed(seed, item.index, j), "metadata": item.metadata,
+                            "path": str(image_path(set_dir, item.index, j).relative_to(set_dir))})
+    return entries
+
+
+def plan_sets(s, root: Path, max_prompts: int | None = None) -> dict[str, SetPlan]:
+    """``{set name: (root/{set}, entries)}`` for every prompt set of the ``sample`` section ``s``."""
+    return {name: (root / name, set_entries(root / name, ps.path, ps.format, ps.images_per_prompt, s.seed,
+                                            max_prompts))
+            for name, ps in s.prompt_sets.items()}
+
+
+def fixed_batches(set_name: str, set_dir: Path, entries: list[dict], batch_size: int) -> list[Batch]:
+    return [Batch(set_name, set_dir, tuple(entries[lo:lo + batch_size])) for lo in range(0, len(entries), batch_size)]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """Round-robin share of ``items`` for process ``rank`` of ``world``: disjoint, together all of them."""
+    return items[rank::world]
+
+
+def set_settings(model_digest: str, s, entries: list[dict], dtype: torch.dtype, device: torch.device) -> dict:
+    """What the images of one set are a function of; stored as ``sampling.json`` (see module doc)."""
+    prompts = hashlib.sha256("".join(f"{e['prompt_index']}\t{e['prompt']}\n" for e in entries).encode())
+    return {"model": model_digest, "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
+            "resolution": s.resolution, "seed": s.seed, "negative_prompt": NEGATIVE_PROMPT,
+            "prompts_sha256": prompts.hexdigest(), "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type}
+
+
+def model_digest(base_path: str | Path, transformer: Path) -> str:
+    """The transformer's weights (bytes) and the base folder's file names and sizes (text encoders, codec)."""
+    return hashlib.sha256(f"{folder_digest(transformer)}\n{folder_digest(base_path, content=False)}".encode()
+                          ).hexdigest()
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def open_bundle(base_path: str | Path, transformer: Path | None, t5_max_length: int, device: torch.device
+                ) -> SD3Bundle:
+    """The bundle of ``base_path`` (with another ``transformer`` folder when given) on ``device``, for sampling."""
+    bundle = load_bundle(base_path, transformer_path=transformer, t5_max_length=t5_max_length)
+    bundle.to(device)
+    if sampling_dtype(device) != torch.float32:
+        bundle.to(sampling_dtype(device))
+    return bundle
+
+
+def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable[[], str],
+                load: Callable[[], SD3Bundle]) -> int:
+    """Sample the images of ``sets`` not on disk yet, this process's share; returns the new images of all processes.
+
+    Collective: every process of ``state`` (an accelerate ``PartialState``) calls it. ``digest()`` (main
+    process) names the model for ``sampling.json``; ``load()`` gives the bundle, called only when this
+    process has work. ``s``: the ``sample`` section.
+    """
+    if state.is_main_process:
+        model = digest()
+        for set_dir, entries in sets.values():
+            prepare_set_dir(set_dir, set_settings(model, s, entries, sampling_dtype(state.device), state.device))
+    state.wait_for_everyone()  # nobody writes before the folders are checked
+
+    batches = [b for name, (set_dir, entries) in sets.items()
+               for b in fixed_batches(name, set_dir, entries, s.batch_size)]
+    todo = [b for b in batches if missing(b.set_dir, list(b.entries))]
+    mine = shard(todo, state.process_index, state.num_processes)
+    if state.is_main_process:
+        total = sum(len(entries) for _, entries in sets.values())
+        on_disk = total - sum(len(missing(set_dir, entries)) for set_dir, entries in sets.values())
+        log.info("sample %s: %d images in %d set(s), %d on disk; %d batch(es) of <= %d to do on %d process(es)",
+                 label, total, len(sets), on_disk, len(todo), s.batch_size, state.num_processes)
+    made = torch.tensor([0], device=state.device)  # new PNGs written by this process
+    if mine:
+        bundle = load()
+        for b in tqdm(mine, desc=f"sample {label}", unit="batch", disable=not state.is_main_process):
+            entries = list(b.entries)
+            images = sample(bundle, [e["prompt"] for e in entries], [e["seed"] for e in entries],
+                            steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                            resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+            for e, im in zip(entries, images, strict=True):
+                if not (b.set_dir / e["path"]).is_file():  # a resumed batch keeps its complete images
+                    save_png(b.set_dir / e["path"], im)
+                    made += 1
+    if state.use_distributed:
+        torch.distributed.all_reduce(made)  # also the barrier: every process's images are on disk
+    return int(made.item())
+
+
+def complete_sets(sets: dict[str, SetPlan]) -> None:
+    """Main process, after all processes: check every image is there, then write the indexes."""
+    for set_dir, entries in sets.values():
+        absent = missing(set_dir, entries)
+        if absent:
+            raise RuntimeError(f"{set_dir}: {len(absent)} image(s) missing after sampling, e.g. {absent[0]['path']}")
+        write_index(set_dir, entries)
