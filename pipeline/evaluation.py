@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +27,19 @@ def scorer_names(plan: Plan) -> list[str]:
     return sorted({n for names in plan.values() for n in names})
 
 
-def score_entries(scorers: Mapping[str, Scorer], names: Sequence[str], set_dir: Path, entries: list[dict],
-                  batch_size: int, desc: str) -> dict[str, list[ScoreRecord]]:
-    """Apply each named scorer to the images of ``entries`` (under ``set_dir``), ``batch_size`` at a time."""
+def score_entries(scorers: Mapping[str, Scorer], names: Sequence[str], images: Callable[[int, int], np.ndarray],
+                  entries: list[dict], batch_size: int, desc: str) -> dict[str, list[ScoreRecord]]:
+    """Apply each named scorer to the images of ``entries``, ``batch_size`` at a time.
+
+    ``images(lo, hi)``: uint8 RGB ``[hi - lo, H, W, 3]`` of ``entries[lo:hi]`` (read from disk, or sampled in memory).
+    """
     records: dict[str, list[ScoreRecord]] = {n: [] for n in names}
     for lo in tqdm(range(0, len(entries), batch_size), desc=desc, unit="batch"):
         batch = entries[lo:lo + batch_size]
-        images = np.stack([load_image(set_dir / e["path"]) for e in batch])
+        batch_images = images(lo, lo + len(batch))
         for n in names:
-            records[n].extend(scorers[n].score(images, [e["prompt"] for e in batch], [e["metadata"] for e in batch]))
+            records[n].extend(scorers[n].score(batch_images, [e["prompt"] for e in batch],
+                                               [e["metadata"] for e in batch]))
     return records
 
 
@@ -64,9 +68,10 @@ def score_samples(scorers: Mapping[str, Scorer], plan: Plan, samples_dir: Path, 
     entries, records = {}, {}
     for set_name, names in plan.items():
         set_dir = Path(samples_dir) / set_name
-        entries[set_name] = read_index(set_dir)
-        records[set_name] = score_entries(scorers, names, set_dir, entries[set_name], batch_size,
-                                          f"score {label}/{set_name}")
+        found = entries[set_name] = read_index(set_dir)
+        records[set_name] = score_entries(
+            scorers, names, lambda lo, hi, d=set_dir, f=found: np.stack([load_image(d / e["path"]) for e in f[lo:hi]]),
+            found, batch_size, f"score {label}/{set_name}")
     return set_metrics(scorers, plan, records), score_rows(plan, entries, records)
 
 

@@ -27,45 +27,36 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluation import scorer_names, set_metrics
+from pipeline.evaluation import score_entries, scorer_names, set_metrics
+from pipeline.sampler import NEGATIVE_PROMPT, fixed_batches, open_bundle, set_entries
 from pipeline.scoring import build_scorers
 from pipeline.study_variants import BASE, Variant, variant_config
 from pipeline.tracking import group_run, stage_run
 from pipeline.training import run_training
 from soar.data.dataset import ImageCaptionDataset, collate
 from soar.data.jsonl import read_clean_records
-from soar.data.prompts import read_prompt_set
 from soar.exposure import cfg_velocity_fn, drift_curves, standstill_curves
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.sampling import image_seed, sample, sampling_sigmas
-
-NEGATIVE_PROMPT = ""  # as the sample stage
+from soar.sampling import sample, sampling_sigmas
 
 
-def sample_set(bundle: SD3Bundle, cfg: Config, set_name: str, steps: int) -> tuple[np.ndarray, list, list]:
-    """Images ``[N, H, W, 3]`` (uint8), prompts and metadata of one prompt set, as the sample stage makes them."""
+def sample_set(bundle: SD3Bundle, cfg: Config, set_name: str, steps: int) -> tuple[np.ndarray, list[dict]]:
+    """Images ``[N, H, W, 3]`` (uint8) and entries of one prompt set, in memory: the sample stage's entries,
+    seeds and fixed batches (``pipeline.sampler``), at ``steps`` Euler steps."""
     s = cfg.sample
     ps = s.prompt_sets[set_name]
-    entries = [(item, j) for item in read_prompt_set(ps.path, ps.format) for j in range(ps.images_per_prompt)]
-    images = []
-    for lo in range(0, len(entries), s.batch_size):
-        batch = entries[lo:lo + s.batch_size]
-        seeds = [image_seed(s.seed, it.index, j) for it, j in batch]
-        images.append(sample(bundle, [it.prompt for it, _ in batch], seeds, steps=steps,
-                             guidance_scale=s.guidance_scale, resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT))
-    return np.concatenate(images), [it.prompt for it, _ in entries], [it.metadata for it, _ in entries]
+    entries = set_entries(Path(set_name), ps.path, ps.format, ps.images_per_prompt, s.seed)
+    images = [sample(bundle, [e["prompt"] for e in b.entries], [e["seed"] for e in b.entries], steps=steps,
+                     guidance_scale=s.guidance_scale, resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+              for b in fixed_batches(set_name, Path(set_name), entries, s.batch_size)]
+    return np.concatenate(images), entries
 
 
-def score_metrics(cfg: Config, scorers: dict, sets: dict[str, tuple[np.ndarray, list, list]]) -> dict[str, float]:
-    """Metrics of in-memory sampled sets, named as the score stage names them (``pipeline.evaluation``)."""
-    records = {}
-    for set_name, names in cfg.score.scorers.items():
-        images, prompts, metadata = sets[set_name]
-        records[set_name] = {n: [] for n in names}
-        for lo in range(0, len(images), cfg.score.batch_size):
-            hi = lo + cfg.score.batch_size
-            for n in names:
-                records[set_name][n].extend(scorers[n].score(images[lo:hi], prompts[lo:hi], metadata[lo:hi]))
+def score_metrics(cfg: Config, scorers: dict, sets: dict[str, tuple[np.ndarray, list[dict]]]) -> dict[str, float]:
+    """Metrics of in-memory sampled sets, scored and named as the score stage does (``pipeline.evaluation``)."""
+    records = {name: score_entries(scorers, names, lambda lo, hi, im=sets[name][0]: im[lo:hi], sets[name][1],
+                                   cfg.score.batch_size, f"score {name}")
+               for name, names in cfg.score.scorers.items()}
     return set_metrics(scorers, cfg.score.scorers, records)
 
 
@@ -137,7 +128,7 @@ def run_variant(cfg: Config, variant: Variant, params: dict) -> dict[str, float]
     """
     out = Path(cfg.study.out_dir) / "runs" / variant.name
     out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tags = {"group": variant.group, "study_run": variant.name, "seed": str(variant.seed)}
     parent = group_run(cfg.mlflow, cfg.study.experiment, variant.group)
     with stage_run(cfg.mlflow, "study", variant.method, params, experiment=cfg.study.experiment,
@@ -146,8 +137,7 @@ def run_variant(cfg: Config, variant: Variant, params: dict) -> dict[str, float]
         if variant.method != BASE:
             train_variant(cfg, variant, out / "model", run)
             transformer = out / "model" / "transformer"
-        bundle = load_bundle(cfg.model.base_path, transformer_path=transformer, t5_max_length=cfg.model.t5_max_length)
-        bundle.to(device)
+        bundle = open_bundle(cfg.model.base_path, transformer, cfg.model.t5_max_length, device)  # as sample@
         steps = [cfg.sample.num_inference_steps]
         if not variant.sweep:
             steps += [n for n in cfg.study.sampling_steps if n != cfg.sample.num_inference_steps]

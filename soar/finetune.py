@@ -36,8 +36,13 @@ class LoraSettings:
     target_modules: tuple[str, ...]
 
 
-def prepare_trainable(transformer, lora: LoraSettings | None) -> list[torch.nn.Parameter]:
-    """Set what trains (all weights, or LoRA adapters added here) and return those parameters, in order."""
+def prepare_trainable(transformer, lora: LoraSettings | None, seed: int) -> list[torch.nn.Parameter]:
+    """Set what trains (all weights, or LoRA adapters added here) and return those parameters, in order.
+
+    peft draws the adapters' initial values from torch's global generator (of the transformer's device):
+    they are drawn under ``seed`` inside ``fork_rng``, so a run is reproducible and the caller's global
+    generator state is left as it was.
+    """
     if lora is None:
         transformer.requires_grad_(True)
     else:
@@ -45,8 +50,11 @@ def prepare_trainable(transformer, lora: LoraSettings | None) -> list[torch.nn.P
         transformer.requires_grad_(False)
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian",
                                  target_modules=list(lora.target_modules))
+        device = next(transformer.parameters()).device
         try:
-            transformer.add_adapter(config)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                transformer.add_adapter(config)
         except ValueError as exc:  # peft: target modules not found
             raise ValueError(f"train.lora_target_modules={list(lora.target_modules)}: {exc}") from exc
     params = [p for p in transformer.parameters() if p.requires_grad]

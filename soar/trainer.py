@@ -148,9 +148,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         bundle.codec.to(device)
     bundle.offload_text_encoders()
     transformer = bundle.transformer.train()
-    if loop.lora is not None:  # peft draws the adapters' initial values from torch's global generator
-        torch.manual_seed(loop.seed)
-    trainable = prepare_trainable(transformer, loop.lora)  # all weights, or LoRA adapters on frozen ones
+    trainable = prepare_trainable(transformer, loop.lora, loop.seed)  # all weights, or LoRA adapters on frozen ones
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     text.index([r.caption for r in records])  # every caption is there (else a KeyError naming it), before step 1

@@ -60,8 +60,8 @@ def main() -> None:
     (REPORT_DIR / "study.json").write_text(json.dumps({"comparison": rows, "runs": runs}, indent=2, sort_keys=True))
     drift_figure(REPORT_DIR / "drift.png", base, {"SFT": sft, "SOAR": soar})
     print(text)
+    mlflow = use_experiment(cfg.mlflow, st.experiment)
     for group in ("sft", "soar"):  # the seed means go on each configuration's group run
-        mlflow = use_experiment(cfg.mlflow, st.experiment)
         with mlflow.start_run(run_id=group_run(cfg.mlflow, st.experiment, group)):
             mlflow.log_metrics({f"mean/{r['metric']}": r[f"{group}_mean"] for r in rows})
     with stage_run(cfg.mlflow, "study", "report", declared(cfg, ("study",)), experiment=st.experiment) as run:
