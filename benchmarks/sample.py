@@ -5,10 +5,10 @@
     python benchmarks/sample.py --full --model-dir DIR  # the whole sampler of the stage on a local model folder
     python benchmarks/sample.py --help                  # --batches, --steps, --reps, --compile, --sd35, ...
 
-What is timed, by default: the denoising loop of the sample stage, ``soar.sampling.denoise`` — ``--steps``
+What is timed, by default: the denoising loop of the sample stage, ``soar.euler.denoise`` — ``--steps``
 Euler steps, each ONE transformer forward of 2B rows (B prompts' cond rows and B uncond rows, CFG 4.5)
 — on random text embeddings of the right shapes. Text encoding and VAE decoding are NOT included
-(the output says so). With ``--full`` it times ``soar.sampling.sample`` instead, exactly what the stage
+(the output says so). With ``--full`` it times ``soar.euler.sample`` instead, exactly what the stage
 calls per batch: prompt encoding (CLIP x2 + T5 when the folder has it), the loop, codec decoding and
 the uint8 conversion, with the model folder ``--model-dir`` (a local SD3.5 folder on the GPU; without
 it a random-init tiny folder written to a temp directory, CPU only).
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside
 from train_step import ROOT, Setup, add_run_args, count_flops, gpu_setup, run_device, tiny_setup  # noqa: E402
 
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS  # noqa: E402
-from soar.sampling import denoise, image_seed, initial_noise, sample  # noqa: E402
+from soar.euler import denoise, image_seed, initial_noise, sample  # noqa: E402
 
 
 def sigmas_for(steps: int, shift: float) -> torch.Tensor:
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default 154; tiny: its length)")
     ap.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="weights (default: bf16 GPU, fp32 CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (warm-up compiles)")
-    ap.add_argument("--full", action="store_true", help="time soar.sampling.sample: text encoding + decode included")
+    ap.add_argument("--full", action="store_true", help="time soar.euler.sample: text encoding + decode included")
     ap.add_argument("--model-dir", default=None, help="--full: local model folder (default CPU: a temp tiny one)")
     add_run_args(ap, reps=3, warmup=1)
     args = ap.parse_args()
@@ -133,7 +133,7 @@ def main() -> None:
           f"{setup.channels}x{setup.latent}x{setup.latent} latents"
           + (f", {setup.text_tokens} text tokens" if not args.full else "")
           + (", torch.compile" if args.compile else ""))
-    print("full sampler: prompt encoding + denoising + decoding (soar.sampling.sample)" if args.full else
+    print("full sampler: prompt encoding + denoising + decoding (soar.euler.sample)" if args.full else
           "transformer only: text encoding and VAE decoding excluded (random text embeddings)")
     print(f"{args.reps} timed batches after {args.warmup} warm-up per batch size")
     scale, unit = (1e12, "TFLOP/s") if cuda else (1e9, "GFLOP/s")

@@ -2,7 +2,7 @@
 
     python benchmarks/world_ceiling.py            # after `dvc repro synth`: reads params.yaml's prompt sets
 
-For every entry of the sample stage's prompt sets (``pipeline.sampler.plan_sets``: prompt and seed) the world
+For every entry of the sample stage's prompt sets (``pipeline.sample_sets.plan_sets``: prompt and seed) the world
 draws the prompt as ``synth`` draws training images: a scene satisfying a GenEval line's metadata
 (``scene_for_metadata``) or an OCR prompt's quoted word (``render_text``), at ``synth.image_size``, laid out
 by the entry's seed. The sets are scored and named as in the study (``pipeline.study.score_metrics``: the
@@ -19,8 +19,8 @@ import numpy as np
 
 from pipeline.config import load_config
 from pipeline.evaluation import scorer_names
-from pipeline.sampler import plan_sets
-from pipeline.scoring import build_scorers
+from pipeline.sample_sets import plan_sets
+from pipeline.evaluation import build_scorers
 from pipeline.study import score_metrics
 from soar.data.tiny_render import render_scene, render_text
 from soar.data.tiny_world import scene_for_metadata

@@ -21,9 +21,9 @@ from ruamel.yaml import YAML
 from pipeline.schema import ConfigError, build, require
 
 WeightingScheme = Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"]
-# The names of pipeline/benchmarks.py's FILES table (tests/test_benchmarks.py keeps the two equal); listed,
+# The names of pipeline/prompt_files.py's FILES table (tests/test_prompt_files.py keeps the two equal); listed,
 # not imported, so that every stage loading this config does not depend on the fetching code.
-BenchmarkFileName = Literal["flowgrpo/geneval/test_metadata.jsonl", "flowgrpo/ocr/test.txt",
+PromptFileName = Literal["flowgrpo/geneval/test_metadata.jsonl", "flowgrpo/ocr/test.txt",
                             "flowgrpo/drawbench/test.txt", "flowgrpo/pickscore/test.txt",
                             "geneval/evaluation_metadata.jsonl", "geneval/object_names.txt"]
 
@@ -179,9 +179,9 @@ class SoarConfig:
 
 
 @dataclass(frozen=True)
-class BenchmarksConfig:
+class PromptFilesConfig:
     out_dir: str  # folder the public prompt files are written to, each under its name (+ manifest.json)
-    files: list[BenchmarkFileName]  # which of pipeline/benchmarks.py's files to obtain ([] = none, manifest only)
+    files: list[PromptFileName]  # which of pipeline/prompt_files.py's files to obtain ([] = none, manifest only)
     source: str | None  # null = their public GitHub addresses; else a mirror folder or http(s)/file URL base
 
     def validate(self, where: str) -> None:
@@ -307,7 +307,7 @@ class Config:
     pretrain: TrainConfig | None = None
     train: TrainConfig | None = None
     soar: SoarConfig | None = None
-    benchmarks: BenchmarksConfig | None = None
+    prompt_files: PromptFilesConfig | None = None
     sample: SampleConfig | None = None
     score: ScoreConfig | None = None
     dynamics: DynamicsConfig | None = None

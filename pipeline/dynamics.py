@@ -1,7 +1,7 @@
 """Training dynamics: every snapshot of a post-training run sampled and scored like the final models.
 
 For each snapshot ``{models_dir}/{method}/snapshots/step-{N:06d}/transformer`` (``soar.snapshots``), in
-step order, the evaluation prompt sets are sampled exactly as the sample stage does (``pipeline.sampler``:
+step order, the evaluation prompt sets are sampled exactly as the sample stage does (``pipeline.sample_sets``:
 same seeds, steps, CFG, batches; on any number of processes, resumable) into
 ``{dynamics.out_dir}/{method}/step-{N:06d}/{set}/`` and scored with ``score.scorers``
 (``pipeline.evaluation``). ``dynamics.max_prompts_per_set`` keeps that many prompts of each set, evenly
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.evaluation import read_records, score_samples, set_metrics
-from pipeline.sampler import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets, sampling_dtype
+from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets, sampling_dtype
 from soar.models.bundle import SD3Bundle, load_transformer
 from soar.rewards import Scorer
 

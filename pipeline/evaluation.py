@@ -1,4 +1,4 @@
-"""Scoring sampled prompt sets: per-image records, per-set metrics (the score and dynamics stages).
+"""Scoring sampled prompt sets: scorers built from the ``score`` section, per-image records, per-set metrics.
 
 ``plan`` is ``score.scorers``: prompt set -> names of the scorers applied to it. A scorer used on one
 set reports its metrics under their own names (``pickscore``: the report's columns); a scorer used on
@@ -8,15 +8,17 @@ several sets reports ``{set}/{metric}`` for each, so no set's number overwrites 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from pipeline.samples import load_image, read_index
-from soar.rewards import Scorer, ScoreRecord
+from pipeline.sample_layout import load_image, read_index
+from soar.rewards import Scorer, ScoreRecord, build_scorer
 
 Plan = Mapping[str, Sequence[str]]  # prompt set -> scorer names
 Records = dict[str, dict[str, list[ScoreRecord]]]  # set -> scorer -> one record per entry, in entry order
@@ -94,3 +96,30 @@ def read_records(scores_jsonl: Path, plan: Plan, keep: Mapping[str, Collection[t
                 raise ValueError(f"{scores_jsonl}: {len(found)} of {len(keep[set_name])} {set_name!r} images scored "
                                  f"by {n!r} (score the same prompt sets again)")
     return records
+
+
+# Building scorers from the ``score`` section: the options every factory shares, and per-scorer ones.
+SCORER_DTYPE = "float32"  # learned scorers run in float32: the published numbers are fp32 evaluations
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def common_options(score_cfg) -> dict:
+    """Weights (``score.checkpoints``), download permission, device and dtype: passed to every factory."""
+    return dict(checkpoints=asdict(score_cfg.checkpoints), allow_download=score_cfg.allow_download,
+                device=resolve_device(score_cfg.device), dtype=SCORER_DTYPE)
+
+
+def scorer_options(score_cfg) -> dict[str, dict]:
+    """Factory options of the scorers that have their own keys in the ``score`` section."""
+    return {"geneval": {"backend": score_cfg.geneval_backend},
+            "ocr": {"engine": score_cfg.ocr_engine, "upscale_to": score_cfg.ocr_upscale}}
+
+
+def build_scorers(score_cfg, names) -> dict[str, Scorer]:
+    """Each named scorer, built once with its own options and the common ones."""
+    common, options = common_options(score_cfg), scorer_options(score_cfg)
+    return {n: build_scorer(n, **options.get(n, {}), **common) for n in names}

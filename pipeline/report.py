@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.samples import load_image, read_index
+from pipeline.sample_layout import load_image, read_index
 
 MODELS = ("base", "sft", "soar")
 ROW_NAMES = {"base": "base", "sft": "+SFT", "soar": "+SOAR"}

@@ -28,8 +28,8 @@ import torch
 
 from pipeline.config import Config
 from pipeline.evaluation import score_entries, scorer_names, set_metrics
-from pipeline.sampler import NEGATIVE_PROMPT, fixed_batches, open_bundle, set_entries
-from pipeline.scoring import build_scorers
+from pipeline.sample_sets import NEGATIVE_PROMPT, fixed_batches, open_bundle, set_entries
+from pipeline.evaluation import build_scorers
 from pipeline.study_variants import BASE, Variant, variant_config
 from pipeline.tracking import group_run, stage_run
 from pipeline.training import run_training
@@ -37,12 +37,12 @@ from soar.data.dataset import ImageCaptionDataset, collate
 from soar.data.jsonl import read_clean_records
 from soar.exposure import cfg_velocity_fn, drift_curves, standstill_curves
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.sampling import sample, sampling_sigmas
+from soar.euler import sample, sampling_sigmas
 
 
 def sample_set(bundle: SD3Bundle, cfg: Config, set_name: str, steps: int) -> tuple[np.ndarray, list[dict]]:
     """Images ``[N, H, W, 3]`` (uint8) and entries of one prompt set, in memory: the sample stage's entries,
-    seeds and fixed batches (``pipeline.sampler``), at ``steps`` Euler steps."""
+    seeds and fixed batches (``pipeline.sample_sets``), at ``steps`` Euler steps."""
     s = cfg.sample
     ps = s.prompt_sets[set_name]
     entries = set_entries(Path(set_name), ps.path, ps.format, ps.images_per_prompt, s.seed)

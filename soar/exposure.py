@@ -80,7 +80,7 @@ def drift_curves(velocity: Velocity, z0: torch.Tensor, z1: torch.Tensor, sigmas:
     """Drift D_i(k) ``[P, max_k]`` (row p: start ``starts[p]``, column k - 1: after k steps).
 
     ``z0, z1 [B, C, H, W]``: held-out clean latents and their noise; ``sigmas [S + 1]``: the sampler's
-    decreasing schedule (e.g. ``soar.sampling.sampling_sigmas(bundle, 40)``); ``starts [P]``: indices
+    decreasing schedule (e.g. ``soar.euler.sampling_sigmas(bundle, 40)``); ``starts [P]``: indices
     0 <= i < S where rollouts begin at z*_{sigma_i}; k = 1..max_k Euler steps along the schedule.
     D_i(k) = mean_b ||z_k,b - z*_{sigma_{i+k}},b|| / sqrt(C H W). Entries with i + k > S (past the
     schedule's end) are NaN. ``relative=True`` divides by ``standstill_curves`` (1 = as far from the
@@ -126,7 +126,7 @@ def cfg_velocity_fn(transformer, embeds: torch.Tensor, pooled: torch.Tensor, neg
     evaluation). The returned ``velocity(z [n B, C, H, W], sigma [n B])`` repeats the conditioning
     for the n starts (row r gets prompt r % B) and runs cond and uncond rows in ONE forward of 2nB
     rows in the weights' dtype, timestep = sigma * TIMESTEP_SCALE, then
-    v = v(c∅) + s (v(c) - v(c∅)) in float32 (float64 with float64 weights), as ``soar.sampling.denoise``.
+    v = v(c∅) + s (v(c) - v(c∅)) in float32 (float64 with float64 weights), as ``soar.euler.denoise``.
     """
     param = next(transformer.parameters())
     device, dtype, batch = param.device, param.dtype, embeds.shape[0]

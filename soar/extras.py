@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 
-def require(module: str, extra: str) -> ModuleType:
+def import_extra(module: str, extra: str) -> ModuleType:
     """Import ``module``; when it is missing, say which extra installs it (``pip install -e '.[extra]'``)."""
     try:
         return importlib.import_module(module)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from soar.extras import require
+from soar.extras import import_extra
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 LORA_DIR = "transformer_lora"  # adapter weights beside the merged transformer/
@@ -46,7 +46,7 @@ def prepare_trainable(transformer, lora: LoraSettings | None, seed: int) -> list
     if lora is None:
         transformer.requires_grad_(True)
     else:
-        peft = require("peft", "lora")
+        peft = import_extra("peft", "lora")
         transformer.requires_grad_(False)
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian",
                                  target_modules=list(lora.target_modules))
@@ -68,7 +68,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], kind: str, lr: float, w
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "adamw_8bit":
-        bnb = require("bitsandbytes", "bnb")
+        bnb = import_extra("bitsandbytes", "bnb")
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {kind!r}; known: {', '.join(OPTIMIZERS)}")
 

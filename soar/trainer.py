@@ -191,14 +191,14 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
             return ok
         return float(accelerator.reduce(torch.tensor([float(not ok)], device=device), reduction="sum")) == 0
 
-    def snapshot(global_step: int, batches_done: int) -> dict:  # this process's part of a checkpoint
+    def trainer_state(global_step: int, batches_done: int) -> dict:  # this process's part of a checkpoint
         return {"global_step": global_step, "batches_done": batches_done, "generator": gen.get_state()}
 
     def save(state: dict) -> Path:  # collective: every process calls it
         return checkpoint.save_checkpoint(accelerator, ckpt_root, state["global_step"], state,
                                           loop.checkpoints_total_limit, ema=ema is not None)
 
-    state = snapshot(0, 0)
+    state = trainer_state(0, 0)
     resume = checkpoint.resolve_resume(loop.resume_from_checkpoint, ckpt_root)
     if resume is not None:
         state = checkpoint.load_checkpoint(accelerator, resume, ema=ema is not None)
@@ -243,7 +243,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
             global_step += 1
             if ema is not None:
                 ema.update(weights)
-            good, finite = snapshot(global_step, done), True
+            good, finite = trainer_state(global_step, done), True
             if global_step % loop.log_every == 0 or global_step == loop.max_train_steps:
                 elapsed = time.perf_counter() - tic
                 last = {k: float(v) for k, v in metrics.items()}

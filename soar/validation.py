@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from soar.sampling import image_seed, sample
+from soar.euler import image_seed, sample
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ValidationSettings:
 
 
 class _TableBundle:
-    """The bundle as ``soar.sampling.sample`` sees it, with prompts looked up in a text table."""
+    """The bundle as ``soar.euler.sample`` sees it, with prompts looked up in a text table."""
 
     def __init__(self, bundle, transformer, table) -> None:
         self.transformer, self.scheduler, self.codec, self._table = transformer, bundle.scheduler, bundle.codec, table

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.scoring import build_scorers
+from pipeline.evaluation import build_scorers
 from pipeline.tracking import stage_run
 from soar.data.prepare import prepare_dataset
 from soar.data.quality import image_quality

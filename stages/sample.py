@@ -4,7 +4,7 @@
     accelerate launch --config_file pipeline/launch/multi_gpu.yaml --num_processes 8 -m stages.sample base
     torchrun --nproc_per_node 8 -m stages.sample base                             # same thing
 
-How the images are dealt to the processes, seeded and resumed: ``pipeline.sampler``. After every
+How the images are dealt to the processes, seeded and resumed: ``pipeline.sample_sets``. After every
 process is done (a barrier), the main process writes ``index.jsonl`` and the ``metadata.jsonl`` files
 and logs to MLflow; the other processes never open a run.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from pipeline.sampler import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
+from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
 from pipeline.tracking import stage_run
 from stages.common import declared, load
 

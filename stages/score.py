@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.evaluation import score_samples, scorer_names
-from pipeline.scoring import build_scorers
+from pipeline.evaluation import build_scorers
 from pipeline.tracking import stage_run
 from stages.common import declared, load
 

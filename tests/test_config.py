@@ -92,7 +92,7 @@ def _declared_sections(stage: dict) -> set[str]:
 
 
 STAGE_MODULES = {"synth": "PARAMS", "prepare": "PARAMS", "pretrain": "PARAMS", "sample": "PARAMS",
-                 "score": "PARAMS", "report": "PARAMS", "benchmarks": "PARAMS", "dynamics": "PARAMS"}
+                 "score": "PARAMS", "report": "PARAMS", "prompt_files": "PARAMS", "dynamics": "PARAMS"}
 
 
 def test_dvc_stages_declare_the_sections_their_code_loads():

@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 MODULE_OF = {"synth": "synth", "prepare": "prepare", "pretrain": "pretrain", "train": "train", "sample": "sample",
-             "score": "score", "report": "report", "benchmarks": "benchmarks", "dynamics": "dynamics"}
+             "score": "score", "report": "report", "prompt_files": "prompt_files", "dynamics": "dynamics"}
 
 
 def project_sources(stage_module: str) -> set[str]:

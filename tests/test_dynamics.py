@@ -2,7 +2,7 @@
 MLflow step metrics and the report's figure.
 
 The stage's rows are checked against values computed here without the stage's code: each snapshot's
-images sampled with ``soar.sampling.sample`` and scored with the scorers directly, and step 0 against
+images sampled with ``soar.euler.sample`` and scored with the scorers directly, and step 0 against
 the base model's score-stage metrics.
 """
 
@@ -24,11 +24,11 @@ import stages.sample
 import stages.score
 from pipeline.config import parse_config, read_params
 from pipeline.curves import plot_curves, read_curve, save_curves_png
-from pipeline.scoring import build_scorers
+from pipeline.evaluation import build_scorers
 from soar.data.prompts import read_prompt_set
 from soar.models.bundle import load_bundle
 from soar.rewards import Scorer, ScoreRecord, register
-from soar.sampling import image_seed, sample
+from soar.euler import image_seed, sample
 from soar.snapshots import list_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]

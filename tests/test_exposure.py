@@ -18,7 +18,7 @@ float64 = pytest.mark.usefixtures("float64_default")  # closed forms in float64
 
 
 def schedule(steps: int) -> torch.Tensor:
-    """The sampler's sigmas [steps + 1] (shift 3, 1 -> 0), as soar.sampling.sampling_sigmas."""
+    """The sampler's sigmas [steps + 1] (shift 3, 1 -> 0), as soar.euler.sampling_sigmas."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     scheduler.set_timesteps(steps)
     return scheduler.sigmas.double()

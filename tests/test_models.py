@@ -13,7 +13,7 @@ from helpers import TINY_ARCH
 from soar.data.prompts import read_prompt_set
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, build_clip_tokenizer, caption_words, write_tiny_model
-from soar.sampling import image_seed, sample, sampling_sigmas
+from soar.euler import image_seed, sample, sampling_sigmas
 
 ARCH = TinyArch(**TINY_ARCH)
 CAPTIONS = ["a photo of a red circle", 'a sign that says "CAT"', "a photo of two blue squares"]

@@ -27,11 +27,11 @@ from helpers import TINY_ARCH
 import stages.common
 import stages.sample
 from pipeline.config import parse_config, read_params
-from pipeline.sampler import fixed_batches, shard
-from pipeline.samples import INDEX, SETTINGS, TMP_PREFIX, prepare_set_dir
+from pipeline.sample_sets import fixed_batches, shard
+from pipeline.sample_layout import INDEX, SETTINGS, TMP_PREFIX, prepare_set_dir
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, write_tiny_model
-from soar.sampling import image_seed, sample
+from soar.euler import image_seed, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]
@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_same_bytes(work, one_process):
     # 2 workers; worker 1 is killed (SIGKILL) in the middle of writing its 2nd PNG, and torchrun stops worker 0
     (work / "die.py").write_text(textwrap.dedent("""
         import os, runpy, signal, sys, tempfile
-        import pipeline.samples as samples
+        import pipeline.sample_layout as samples
         real, count = samples.atomic_write_bytes, 0
         def write(path, data):
             global count
@@ -193,7 +193,7 @@ def test_batch_size_changes_no_image(bundle):
         assert np.abs(batched(size).astype(int) - full.astype(int)).max() <= 1, size  # float rounding at most
     if torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.backends.mkl.is_available():
         # MKL's AVX-512 sgemm gives a row the same result in any GEMM of a multiple of 4 rows, i.e. with CFG
-        # any even number of prompts per forward: then the bytes are identical (see soar/sampling.py).
+        # any even number of prompts per forward: then the bytes are identical (see soar/euler.py).
         for size in (2, 4):  # forwards of 4, and of 8 + 4 rows
             assert np.array_equal(batched(size), full), size
 

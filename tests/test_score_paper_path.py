@@ -1,4 +1,4 @@
-"""The paper profile's scoring code path (pipeline.scoring, stages.prepare) on tiny random checkpoints.
+"""The paper profile's scoring code path (pipeline.evaluation, stages.prepare) on tiny random checkpoints.
 
 The score section comes from ``profiles/paper.yaml`` with ``score.checkpoints`` pointed at tiny
 randomly initialised models of the published architectures (written by the scorer tests' fixtures),
@@ -17,7 +17,7 @@ from test_rewards_clip import folders  # noqa: F401  (fixture)
 from test_rewards_hps_ir import TINY_HPS_ARCH, TINY_IR, hps_ckpt, ir_files  # noqa: F401  (fixtures)
 
 from pipeline.config import load_config
-from pipeline.scoring import build_scorers
+from pipeline.evaluation import build_scorers
 from soar.rewards import hps, image_reward
 from stages.prepare import QUALITY_FUNCTIONS
 

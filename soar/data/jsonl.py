@@ -1,6 +1,6 @@
 """JSONL reading and writing, and the HY-SOAR training-record format.
 
-Generic helpers (``iter_jsonl``, ``read_jsonl``, ``require``) raise ``JsonlError`` naming the
+Generic helpers (``iter_jsonl``, ``read_jsonl``, ``required_field``) raise ``JsonlError`` naming the
 file, the 1-based line number and, where relevant, the key. Blank lines are skipped.
 
 The training format has one JSON object per line with at least::
@@ -89,7 +89,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
-def require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def required_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     """``obj[key]``, checked to be an instance of ``kind`` (bool never counts as int).
 
     ``where`` is the location for the message, e.g. ``"train.jsonl:12"``.
@@ -123,13 +123,13 @@ def parse_training_record(obj: Mapping[str, Any], where: str, line: int = 0) -> 
 
     An empty or blank caption is not an error here (see ``read_training_records``).
     """
-    md5 = require(obj, KEY_ID, str, where)
+    md5 = required_field(obj, KEY_ID, str, where)
     if not md5 or md5.startswith(".") or any(c in md5 for c in _FORBIDDEN_ID_CHARS):
         raise JsonlError(f"{where}: key {KEY_ID!r} is not a usable file name: {md5!r}")
-    caption = require(obj, KEY_CAPTION, str, where)
+    caption = required_field(obj, KEY_CAPTION, str, where)
     size = {}
     for key in (KEY_WIDTH, KEY_HEIGHT):
-        size[key] = require(obj, key, int, where)
+        size[key] = required_field(obj, key, int, where)
         if size[key] <= 0:
             raise JsonlError(f"{where}: key {key!r} must be a positive int, got {size[key]}")
     return TrainingRecord(md5, caption, size[KEY_WIDTH], size[KEY_HEIGHT], line=line, raw=dict(obj))

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from soar.rewards.base import Scorer, ScoreRecord, as_uint8_batch, register
-from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, require, torch_dtype
+from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, import_extra, torch_dtype
 
 HPS_ARCH = "ViT-H-14"  # open_clip model config (hpsv2/img_score.py)
 HPS_HUB_ID = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map: v2.1 -> HPS_v2.1_compressed.pt
@@ -51,7 +51,7 @@ def load_hps(path: str, *, arch: str = HPS_ARCH, device: str = "cpu", dtype: str
 
     ``preprocess``: PIL RGB image -> float32 ``[3, S, S]``; ``tokenizer``: N strings -> int64 ``[N, 77]``.
     """
-    open_clip = require("open_clip", "hpsv2")
+    open_clip = import_extra("open_clip", "hpsv2")
     quiet = _NotRandomInit()
     logging.getLogger().addFilter(quiet)  # open_clip logs through the root logger
     try:

@@ -37,7 +37,7 @@ from torch import nn
 
 from soar.rewards.base import Scorer, ScoreRecord, register
 from soar.rewards.images import clip_pixels
-from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, require, torch_dtype
+from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, import_extra, torch_dtype
 
 IMAGE_REWARD_HUB_ID = "THUDM/ImageReward"  # ImageReward/utils.py _MODELS["ImageReward-v1.0"]
 IMAGE_REWARD_FILE = "ImageReward.pt"
@@ -151,7 +151,7 @@ class ImageRewardNet(nn.Module):
 
     def __init__(self, a: ImageRewardArch = PUBLISHED_ARCH) -> None:
         super().__init__()
-        require("timm", "imagereward")
+        import_extra("timm", "imagereward")
         from timm.models.vision_transformer import VisionTransformer
 
         self.blip = nn.Module()

@@ -5,7 +5,7 @@ Every learned scorer reads its weights from a local path named in ``params.yaml`
 scorer expects there; a hub download happens only when the user sets ``score.allow_download: true``
 (then the published hub id is returned, and the loader fetches it).
 
-Heavy optional dependencies (open_clip, timm, ...) are imported through ``require``
+Heavy optional dependencies (open_clip, timm, ...) are imported through ``import_extra``
 (``soar.extras``), whose error names the pyproject extra that installs them.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from soar.extras import require
+from soar.extras import import_extra
 
-__all__ = ["PARAM_PREFIX", "fetch_file", "locate", "require", "torch_dtype"]
+__all__ = ["PARAM_PREFIX", "fetch_file", "locate", "import_extra", "torch_dtype"]
 
 PARAM_PREFIX = "score.checkpoints"
 

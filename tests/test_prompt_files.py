@@ -25,9 +25,9 @@ from typing import get_args
 
 import pytest
 
-from pipeline import benchmarks
-from pipeline.benchmarks import FILES, MANIFEST, BenchmarkError, BenchmarkFile, fetch
-from pipeline.config import BenchmarkFileName, parse_config, read_params
+from pipeline import prompt_files
+from pipeline.prompt_files import FILES, MANIFEST, PromptFileError, PromptFile, fetch
+from pipeline.config import PromptFileName, parse_config, read_params
 from pipeline.schema import ConfigError
 from soar.data.prompts import read_prompt_set
 
@@ -59,7 +59,7 @@ def quiet(_msg: str) -> None:
 # --- the table and the shared copies ---------------------------------------------------------------
 
 def test_table_covers_the_spec_and_builds_raw_urls():
-    assert set(FILES) == set(SPEC) == set(get_args(BenchmarkFileName))  # the config accepts exactly these
+    assert set(FILES) == set(SPEC) == set(get_args(PromptFileName))  # the config accepts exactly these
     for name, entry in FILES.items():
         assert entry.lines == SPEC[name][1]
         assert entry.url == f"https://raw.githubusercontent.com/{entry.repo}/{entry.commit}/{entry.path}"
@@ -147,9 +147,9 @@ def fake_table(monkeypatch, server):
     for name, data in contents.items():
         (server.root / name).parent.mkdir(parents=True, exist_ok=True)
         (server.root / name).write_bytes(data)
-        table[name] = BenchmarkFile(name, "o/r", "0" * 40, name, hashlib.sha256(data).hexdigest(),
+        table[name] = PromptFile(name, "o/r", "0" * 40, name, hashlib.sha256(data).hexdigest(),
                                     len(data.splitlines()), "MIT")
-    monkeypatch.setattr(benchmarks, "FILES", table)
+    monkeypatch.setattr(prompt_files, "FILES", table)
     return table
 
 
@@ -177,7 +177,7 @@ def test_fetch_from_folder_and_file_url(fake_table, server, tmp_path):
         out = tmp_path / f"out{i}"
         assert fetch(list(fake_table), out, source, log=quiet) == list(fake_table)
         assert [m["source"] for m in json.loads((out / MANIFEST).read_text())] == \
-            [benchmarks.location(e, source) for e in fake_table.values()]
+            [prompt_files.location(e, source) for e in fake_table.values()]
     assert server.requests == []
 
 
@@ -193,7 +193,7 @@ def test_tampered_file_names_file_url_and_both_hashes(fake_table, server, tmp_pa
     (server.root / "fake/b.txt").write_bytes(b"one\ntwo\nTHREE")
     actual = hashlib.sha256(b"one\ntwo\nTHREE").hexdigest()
     out = tmp_path / "out"
-    with pytest.raises(BenchmarkError) as err:
+    with pytest.raises(PromptFileError) as err:
         fetch(["fake/a.jsonl", "fake/b.txt"], out, server.url, log=quiet)
     msg = str(err.value)
     for piece in ("fake/b.txt", f"{server.url}/fake/b.txt", fake_table["fake/b.txt"].sha256, actual):
@@ -203,22 +203,22 @@ def test_tampered_file_names_file_url_and_both_hashes(fake_table, server, tmp_pa
 
 def test_wrong_line_count_is_an_error(fake_table, monkeypatch, server, tmp_path):
     entry = fake_table["fake/b.txt"]
-    monkeypatch.setitem(fake_table, "fake/b.txt", BenchmarkFile(**{**entry.__dict__, "lines": entry.lines + 1}))
-    with pytest.raises(BenchmarkError, match=f"fake/b.txt from .*expected {entry.lines + 1} non-empty lines"):
+    monkeypatch.setitem(fake_table, "fake/b.txt", PromptFile(**{**entry.__dict__, "lines": entry.lines + 1}))
+    with pytest.raises(PromptFileError, match=f"fake/b.txt from .*expected {entry.lines + 1} non-empty lines"):
         fetch(["fake/b.txt"], tmp_path / "out", server.url, log=quiet)
     assert files_under(tmp_path / "out") == []
 
 
 def test_missing_file_names_its_url_or_path(fake_table, server, tmp_path):
     (server.root / "fake/a.jsonl").unlink()
-    with pytest.raises(BenchmarkError, match=re.escape(f"{server.url}/fake/a.jsonl") + ".*404"):
+    with pytest.raises(PromptFileError, match=re.escape(f"{server.url}/fake/a.jsonl") + ".*404"):
         fetch(["fake/a.jsonl"], tmp_path / "out", server.url, log=quiet)
-    with pytest.raises(BenchmarkError, match=re.escape(str(server.root / "fake/a.jsonl"))):
+    with pytest.raises(PromptFileError, match=re.escape(str(server.root / "fake/a.jsonl"))):
         fetch(["fake/a.jsonl"], tmp_path / "out", str(server.root), log=quiet)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with pytest.raises(BenchmarkError, match=re.escape(f"{closed}/fake/b.txt")):
+    with pytest.raises(PromptFileError, match=re.escape(f"{closed}/fake/b.txt")):
         fetch(["fake/b.txt"], tmp_path / "out", closed, log=quiet, timeout=5)
     assert files_under(tmp_path / "out") == []
 
@@ -227,14 +227,14 @@ def test_failed_write_leaves_no_tmp_file(monkeypatch, tmp_path):
     def broken_replace(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(benchmarks.os, "replace", broken_replace)
+    monkeypatch.setattr(prompt_files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk gone"):
-        benchmarks.write_atomic(tmp_path / "out" / "x.txt", b"data")
+        prompt_files.write_atomic(tmp_path / "out" / "x.txt", b"data")
     assert files_under(tmp_path / "out") == []
 
 
 def test_unknown_name_in_fetch(tmp_path):
-    with pytest.raises(BenchmarkError, match="unknown benchmark file 'nope.txt'"):
+    with pytest.raises(PromptFileError, match="unknown prompt file 'nope.txt'"):
         fetch(["nope.txt"], tmp_path, None, log=quiet)
 
 
@@ -242,30 +242,30 @@ def test_unknown_name_in_fetch(tmp_path):
 
 def test_config_unknown_file_names_the_key():
     raw = copy.deepcopy(read_params(ROOT / "params.yaml"))
-    raw["benchmarks"]["files"] = ["flowgrpo/ocr/test.txt", "nope.txt"]
-    with pytest.raises(ConfigError, match=r"params\.yaml\.benchmarks\.files\[1\]: 'nope.txt' is not one of"):
+    raw["prompt_files"]["files"] = ["flowgrpo/ocr/test.txt", "nope.txt"]
+    with pytest.raises(ConfigError, match=r"params\.yaml\.prompt_files\.files\[1\]: 'nope.txt' is not one of"):
         parse_config(raw)
-    raw["benchmarks"]["files"] = ["flowgrpo/ocr/test.txt"] * 2
-    with pytest.raises(ConfigError, match=r"params\.yaml\.benchmarks\.files: names a file twice"):
+    raw["prompt_files"]["files"] = ["flowgrpo/ocr/test.txt"] * 2
+    with pytest.raises(ConfigError, match=r"params\.yaml\.prompt_files\.files: names a file twice"):
         parse_config(raw)
 
 
-def test_profiles_benchmarks_sections():
+def test_profiles_prompt_files_sections():
     tiny = parse_config(read_params(ROOT / "profiles" / "tiny.yaml"))
-    assert tiny.benchmarks.files == () and tiny.benchmarks.source is None
+    assert tiny.prompt_files.files == () and tiny.prompt_files.source is None
     paper = parse_config(read_params(ROOT / "profiles" / "paper.yaml"))
-    assert set(paper.benchmarks.files) == set(FILES)
+    assert set(paper.prompt_files.files) == set(FILES)
     for set_name in ("geneval", "ocr", "drawbench"):
-        rel = Path(paper.sample.prompt_sets[set_name].path).relative_to(paper.benchmarks.out_dir)
-        assert rel.as_posix() in paper.benchmarks.files, set_name
+        rel = Path(paper.sample.prompt_sets[set_name].path).relative_to(paper.prompt_files.out_dir)
+        assert rel.as_posix() in paper.prompt_files.files, set_name
 
 
 def test_stage_writes_manifest(tmp_path):
     params = read_params(ROOT / "params.yaml")
-    params["benchmarks"]["out_dir"] = str(tmp_path / "out")
+    params["prompt_files"]["out_dir"] = str(tmp_path / "out")
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     env = {**os.environ, "SOAR_PARAMS": str(tmp_path / "params.yaml")}
-    proc = subprocess.run([sys.executable, "-m", "stages.benchmarks"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "stages.prompt_files"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == []

@@ -4,7 +4,7 @@ Each prompt set's entries (prompt i, image j) in file order are cut into fixed b
 ``sample.batch_size``; the batches not complete on disk are dealt round-robin to the processes
 (rank r takes every world-size-th one), so no image is made twice and none is padded in. A batch's
 composition never depends on the number of processes or on what is already done, so 1 or N
-processes and a resumed run give the same bytes (``soar.sampling`` explains why that matters).
+processes and a resumed run give the same bytes (``soar.euler`` explains why that matters).
 Image (i, j) starts from its own noise, seeded ``image_seed(sample.seed, i, j)``.
 
 Resuming: every PNG is written atomically, so a rerun after a kill keeps the complete ones and
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.samples import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
+from pipeline.sample_layout import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
 from soar.data.prompts import read_prompt_set
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.sampling import image_seed, sample
+from soar.euler import image_seed, sample
 
 NEGATIVE_PROMPT = ""  # the paper's negative prompt
 SetPlan = tuple[Path, list[dict]]  # a prompt set's folder and its entries (index lines)

@@ -31,12 +31,12 @@ GENEVAL_COMMIT = "af4902f24d3ca90ebbb446dd9891a59e0f82725f"
 GENEVAL_LICENCE = "MIT"
 
 
-class BenchmarkError(RuntimeError):
+class PromptFileError(RuntimeError):
     """A prompt file could not be obtained, or its content is not the published one."""
 
 
 @dataclass(frozen=True)
-class BenchmarkFile:
+class PromptFile:
     """One public prompt file, pinned to a commit and a SHA-256."""
 
     name: str  # relative path under the output folder (and under a mirror)
@@ -53,17 +53,17 @@ class BenchmarkFile:
         return RAW_URL.format(repo=self.repo, commit=self.commit, path=self.path)
 
 
-def _nft(name: str, sha256: str, lines: int) -> BenchmarkFile:
+def _nft(name: str, sha256: str, lines: int) -> PromptFile:
     path = "dataset/" + name.removeprefix("flowgrpo/")
-    return BenchmarkFile(name, DIFFUSIONNFT_REPO, DIFFUSIONNFT_COMMIT, path, sha256, lines, DIFFUSIONNFT_LICENCE)
+    return PromptFile(name, DIFFUSIONNFT_REPO, DIFFUSIONNFT_COMMIT, path, sha256, lines, DIFFUSIONNFT_LICENCE)
 
 
-def _geneval(name: str, sha256: str, lines: int) -> BenchmarkFile:
+def _geneval(name: str, sha256: str, lines: int) -> PromptFile:
     path = "prompts/" + name.removeprefix("geneval/")
-    return BenchmarkFile(name, GENEVAL_REPO, GENEVAL_COMMIT, path, sha256, lines, GENEVAL_LICENCE)
+    return PromptFile(name, GENEVAL_REPO, GENEVAL_COMMIT, path, sha256, lines, GENEVAL_LICENCE)
 
 
-FILES: dict[str, BenchmarkFile] = {f.name: f for f in (
+FILES: dict[str, PromptFile] = {f.name: f for f in (
     _nft("flowgrpo/geneval/test_metadata.jsonl",  # 553 GenEval prompts x 4, metadata JSONL
          "cec4b24b9fee7bac21c8f787054ecc8dc9ff831674037713a4cd35e0f0a74a28", 2212),
     _nft("flowgrpo/ocr/test.txt", "4dd8caf3ab6ade73bd376c7d14c6ca49b6eacfb1bd321e22c40714ae4a98d4dc", 1018),
@@ -86,7 +86,7 @@ def count_lines(data: bytes) -> int:
     return sum(1 for line in data.splitlines() if line.strip())
 
 
-def location(entry: BenchmarkFile, source: str | None) -> str:
+def location(entry: PromptFile, source: str | None) -> str:
     """Where ``entry`` is read from: its public URL, ``<url base>/<name>`` or ``<mirror folder>/<name>``."""
     if source is None:
         return entry.url
@@ -95,30 +95,30 @@ def location(entry: BenchmarkFile, source: str | None) -> str:
     return str(Path(source) / entry.name)
 
 
-def _read(entry: BenchmarkFile, where: str, timeout: float) -> bytes:
+def _read(entry: PromptFile, where: str, timeout: float) -> bytes:
     if "://" not in where:
         try:
             return Path(where).read_bytes()
         except OSError as err:
-            raise BenchmarkError(f"{entry.name}: cannot read mirror file {where}: {err.strerror or err}") from None
+            raise PromptFileError(f"{entry.name}: cannot read mirror file {where}: {err.strerror or err}") from None
     try:
         with urllib.request.urlopen(where, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as err:
-        raise BenchmarkError(f"{entry.name}: cannot fetch {where}: HTTP {err.code} {err.reason}") from None
+        raise PromptFileError(f"{entry.name}: cannot fetch {where}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", None) or err
-        raise BenchmarkError(f"{entry.name}: cannot fetch {where}: {reason}") from None
+        raise PromptFileError(f"{entry.name}: cannot fetch {where}: {reason}") from None
 
 
-def check(entry: BenchmarkFile, data: bytes, where: str) -> None:
-    """Raise ``BenchmarkError`` naming file, origin and both values unless ``data`` is the published file."""
+def check(entry: PromptFile, data: bytes, where: str) -> None:
+    """Raise ``PromptFileError`` naming file, origin and both values unless ``data`` is the published file."""
     actual = sha256_of(data)
     if actual != entry.sha256:
-        raise BenchmarkError(f"{entry.name} from {where}: SHA-256 mismatch: expected {entry.sha256}, got {actual}")
+        raise PromptFileError(f"{entry.name} from {where}: SHA-256 mismatch: expected {entry.sha256}, got {actual}")
     lines = count_lines(data)
     if lines != entry.lines:
-        raise BenchmarkError(f"{entry.name} from {where}: expected {entry.lines} non-empty lines, got {lines}")
+        raise PromptFileError(f"{entry.name} from {where}: expected {entry.lines} non-empty lines, got {lines}")
 
 
 def write_atomic(dest: Path, data: bytes) -> None:
@@ -137,7 +137,7 @@ def write_atomic(dest: Path, data: bytes) -> None:
         raise
 
 
-def _is_published(entry: BenchmarkFile, path: Path) -> bool:
+def _is_published(entry: PromptFile, path: Path) -> bool:
     return path.is_file() and sha256_of(path.read_bytes()) == entry.sha256
 
 
@@ -146,29 +146,29 @@ def fetch(names: Iterable[str], out_dir: str | Path, source: str | None = None, 
     """Obtain files ``names`` of ``FILES`` into ``out_dir`` and write its manifest; returns the names fetched.
 
     A file already in ``out_dir`` with the published SHA-256 is kept, not fetched again; one with another
-    hash is removed and fetched. A file whose bytes differ from the table raises ``BenchmarkError``
+    hash is removed and fetched. A file whose bytes differ from the table raises ``PromptFileError``
     before anything is written for it.
     """
     names = list(names)
     unknown = [n for n in names if n not in FILES]
     if unknown:
-        raise BenchmarkError(f"unknown benchmark file {unknown[0]!r} (known: {', '.join(FILES)})")
+        raise PromptFileError(f"unknown prompt file {unknown[0]!r} (known: {', '.join(FILES)})")
     out_dir = Path(out_dir)
     fetched, manifest = [], []
     for name in names:
         entry, dest = FILES[name], out_dir / name
         where = location(entry, source)
         if _is_published(entry, dest):
-            log(f"benchmarks: {name} present, SHA-256 ok")
+            log(f"prompt_files: {name} present, SHA-256 ok")
         else:
             if dest.exists():
-                log(f"benchmarks: {dest} has another SHA-256; fetching it again")
+                log(f"prompt_files: {dest} has another SHA-256; fetching it again")
                 dest.unlink()
             data = _read(entry, where, timeout)
             check(entry, data, where)
             write_atomic(dest, data)
             fetched.append(name)
-            log(f"benchmarks: {name} <- {where} ({entry.lines} lines, SHA-256 ok)")
+            log(f"prompt_files: {name} <- {where} ({entry.lines} lines, SHA-256 ok)")
         manifest.append({"name": name, "source": where, "sha256": entry.sha256, "lines": entry.lines})
     write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return fetched
