@@ -1,4 +1,4 @@
-"""Rectified-flow basics in the SD3 convention (DESIGN.md §4).
+"""Rectified-flow basics in the SD3 convention (docs/method.md#notation-and-the-timestep-convention).
 
 z_sigma = (1 - sigma) * z0 + sigma * z1, sigma in [0, 1]; true velocity v* = z1 - z0; the
 model's timestep input is ``sigma * TIMESTEP_SCALE`` for every point (main and auxiliary).

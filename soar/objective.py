@@ -1,4 +1,4 @@
-"""SFT and SOAR losses as pure functions of per-point losses (DESIGN.md §4, steps 2, 5, 6).
+"""SFT and SOAR losses as pure functions of per-point losses (docs/method.md#step-6-normalisation).
 
 Total = (Σ main + lambda_aux Σ aux) / max(N_main + lambda_aux N_aux, 1), with the counts summed
 over all processes. Data-parallel training averages gradients over W processes, so each process

@@ -1,4 +1,6 @@
-"""One-step rollout from an on-path state and the auxiliary points built on it (DESIGN.md §4).
+"""One-step rollout from an on-path state and the auxiliary points built on it.
+
+The math: docs/method.md#step-3-cfg-rollout and docs/method.md#step-4-auxiliary-points.
 
 All functions are pure tensor math; randomness (noise ``eps``, uniform draws) comes in as
 arguments. Per-sample scalars (``sigma0``, ``sigma1``) are ``[B]``; states are ``[B, C, H, W]``.

@@ -1,6 +1,6 @@
 """One SOAR (or SFT) training step: draw, roll out, build auxiliary points, one batched forward.
 
-DESIGN.md §4 numbers the steps. The step is three pure pieces:
+docs/method.md#the-training-step numbers the steps 1-6. The step is three pure pieces:
 
 - ``draw``: every random number of the step, per sample (``Draws``, row i belongs to sample i), so
   a batch split over processes sees exactly the draws its samples would get in one process;
@@ -176,7 +176,7 @@ def training_step(velocity: Velocity, z0: torch.Tensor, cond: TextCond, uncond: 
     ``grid`` and ``shift`` come from the scheduler config (``shift`` is needed for continuous sigma
     sampling only). ``draws`` replaces drawing from ``gen``. Every chunk calls ``backward`` on its
     share of the loss, Σ_chunk (Σ main + lambda Σ aux) * W / max(N_main + lambda N_aux, 1) with global
-    counts (DESIGN.md §4 step 6), all chunks but the last inside ``no_sync()``. Returns detached
+    counts (docs/method.md#step-6-normalisation), all chunks but the last inside ``no_sync()``. Returns detached
     metrics: ``loss`` (this process's share before the gradient average), ``loss_main``, ``loss_aux``,
     ``aux_per_sample``, ``drift`` and ``frac_t0`` (the last three for this process's samples).
     """

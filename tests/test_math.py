@@ -1,4 +1,4 @@
-"""Closed-form checks of the SOAR math (DESIGN.md §4 "checks"), in float64 on CPU."""
+"""Closed-form checks of the SOAR math (docs/method.md#checks-that-follow-from-the-math), in float64 on CPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The rollout formulas of DESIGN.md §4 step 3 pinned by hand, and how the step composes paths (float64, CPU).
+"""The rollout formulas (docs/method.md#step-3-cfg-rollout) by hand, and how the step composes paths
+(float64, CPU).
 
 Hand examples use one 2×2 state (shape [1, 1, 2, 2]) with
 z = [[1, 2], [3, 4]], v = [[0.5, -1], [2, 0]], eps = [[1, 0], [-1, 2]], sigma0 = 0.5, sigma1 = 0.25
@@ -65,7 +66,7 @@ def test_sde_is_not_the_ode_step_and_ignores_eta():
        = [[0.5625 + 0.25, 1.875 + 0], [1.5 - 0.25, 3 + 0.5]] = [[0.8125, 1.875], [1.25, 3.5]].
     """
     expected = hand([[0.8125, 1.875], [1.25, 3.5]])
-    for eta in (0.0, 0.7):  # DESIGN.md §4: the sde formula has no eta
+    for eta in (0.0, 0.7):  # docs/method.md#step-3-cfg-rollout: the sde formula has no eta
         torch.testing.assert_close(sde_step(Z, V, S0, S1, EPS, eta), expected, rtol=0, atol=1e-15)
     assert (expected - ode_step(Z, V, S0, S1)).abs().max() > 0.1
     # its deterministic part (eps = 0) is (1 - sigma1) x̂0, still not the ODE step

@@ -1,4 +1,4 @@
-"""The batched SOAR step against the math of DESIGN.md §4, point by point (float64, CPU).
+"""The batched SOAR step against docs/method.md#the-training-step, point by point (float64, CPU).
 
 - the one batched forward equals an explicit per-point loop (one forward per point) with the same draws;
 - ``aux_microbatch`` chunks change nothing, and all chunks but the last run under ``no_sync``;
@@ -76,7 +76,8 @@ def run_step(model, z0, cond, uncond, s, d, **kw):
 
 
 def per_point_loss(model, z0, cond, uncond, s: StepSettings, d: Draws) -> torch.Tensor:
-    """DESIGN.md §4 written out sample by sample and point by point: one forward per point, CFG as two forwards."""
+    """docs/method.md's training step, sample by sample and point by point: one forward per point, CFG as
+    two forwards."""
     n_steps, floor, cap = s.num_sampling_steps, GRID[-2], float(GRID[1])
     main, aux = [], []
     for i in range(z0.shape[0]):

@@ -29,8 +29,8 @@ from soar.rewards.base import Scorer, ScoreRecord, register
 from soar.rewards.images import clip_pixels
 from soar.rewards.weights import PARAM_PREFIX, locate, torch_dtype
 
-# Hub ids: DESIGN.md §5 (ClipScore / Aesthetic backbone; PickScore model and processor per the
-# PickScore_v1 model card and Flow-GRPO's pickscore_scorer.py).
+# Hub ids: docs/method.md#preference-and-quality-scores (ClipScore / Aesthetic backbone; PickScore model
+# and processor per the PickScore_v1 model card and Flow-GRPO's pickscore_scorer.py).
 CLIP_VIT_L14_HUB_ID = "openai/clip-vit-large-patch14"
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

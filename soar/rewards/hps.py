@@ -3,7 +3,8 @@
 Reference: tgxs002/HPSv2 ``hpsv2/img_score.py``: ``create_model_and_transforms('ViT-H-14', ...)`` of
 its vendored open_clip, ``model.load_state_dict(torch.load(cp)['state_dict'])`` (strict),
 ``get_tokenizer('ViT-H-14')``; score = diagonal of ``image_features @ text_features.T`` with both
-features L2-normalised (``output_dict=True``); about 0.28 on the paper's prompt sets (DESIGN.md §5).
+features L2-normalised (``output_dict=True``); about 0.28 on the paper's prompt sets
+(docs/method.md#preference-and-quality-scores).
 
 - Weights: ``score.checkpoints.hpsv21`` = ``HPS_v2.1_compressed.pt`` (hub ``xswu/HPSv2``), a torch file
   whose ``state_dict`` is the whole open_clip CLIP state dict, loaded with ``strict=True``.
