@@ -1,6 +1,7 @@
 """Codecs between images in [-1, 1] and the latents z0 the flow works on.
 
-SD3 convention (docs/method.md#notation-and-the-timestep-convention): z0 = (vae.encode(x).sample() - shift_factor) * scaling_factor.
+SD3 convention: z0 = (vae.encode(x).sample() - shift_factor) * scaling_factor
+(docs/method.md#notation-and-the-timestep-convention).
 ``moments`` gives the latent distribution in z0 units (mean, std) and ``sample_moments`` draws z0 from
 it; ``encode`` is exactly their composition, so a latent cache of moments (``soar.latent_cache``)
 reproduces the uncached draws bit for bit.
