@@ -1,7 +1,7 @@
 """Switch the pipeline between configuration profiles: ``python -m pipeline.profile paper|tiny``.
 
 A profile is a complete params file, ``profiles/<name>.yaml``: ``tiny`` (the embedded default,
-identical to the shipped ``params.yaml``) and ``paper`` (SD3.5-Medium on 8 GPUs, DESIGN.md §4).
+identical to the shipped ``params.yaml``) and ``paper`` (SD3.5-Medium on 8 GPUs, docs/method.md#paper-defaults).
 Switching validates the profile against the schema (``pipeline.config.parse_config``) and copies it
 over ``params.yaml`` byte for byte, so switching back restores the file exactly. A ``params.yaml``
 that matches no profile holds edits of its own; it is overwritten only with ``--force``.

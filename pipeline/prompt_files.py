@@ -1,6 +1,6 @@
 """The paper's evaluation prompt files: where each comes from, its SHA-256, and fetching them checked.
 
-``FILES`` names the six public files (``benchmarks/PROVENANCE.md`` of the shared folder): each by its
+``FILES`` names the six public files (described in ``docs/prompt_sets.md``): each by its
 relative path under the output folder, with the source repository @ commit, the path there, the raw
 GitHub address, the SHA-256, the count of non-empty lines and the licence. ``fetch`` obtains a chosen
 subset from the public addresses (``source=None``) or from a mirror laid out like the output folder

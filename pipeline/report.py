@@ -15,7 +15,7 @@ from pipeline.sample_layout import load_image, read_index
 
 MODELS = ("base", "sft", "soar")
 ROW_NAMES = {"base": "base", "sft": "+SFT", "soar": "+SOAR"}
-# metric key -> the paper's column name (DESIGN.md §6), in the paper's order
+# metric key -> the paper's column name (docs/method.md#the-papers-numbers), in the paper's order
 PAPER_COLUMNS = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clipscore": "ClipScore",
                  "hpsv21": "HPSv2.1", "aesthetic": "Aesthetic", "imagereward": "ImgRwd"}
 CELL = 128  # grid cell side, pixels

@@ -1,4 +1,4 @@
-"""The multi-seed study (issue #7): SFT and SOAR from one base and data, several seeds, a SOAR sweep.
+"""The multi-seed study: SFT and SOAR from one base and data, several seeds, a SOAR sweep.
 
 A *variant* is one configuration and seed. ``run_variant`` trains it from ``model.base_path`` on the
 prepared data with the ``train`` / ``soar`` settings (seed and swept keys replaced; validation, snapshots

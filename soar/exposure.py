@@ -1,4 +1,4 @@
-"""Exposure-bias meter: how far k sampler steps from a true state drift from the data path (issue #7).
+"""Exposure-bias meter: how far k sampler steps from a true state drift from the data path.
 
 For held-out clean latents z0 ``[B, C, H, W]`` and noise z1 ``[B, C, H, W]`` the true states are
 z*_sigma = (1 - sigma) z0 + sigma z1. From z*_{sigma_i} (``sigmas[i]``, i in ``starts``) the model runs
