@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks of issue 4 in one script, for a GPU machine with no network (finishes in a few minutes
+# The GPU checks of benchmarks/README.md in one script, for a GPU machine with no network (finishes in a few minutes
 # on one H200; every part has its own time limit and the script goes on when one fails):
 #   1. benchmarks/train_step.py: SD3.5-Medium-shaped SFT and SOAR steps (s/step, peak GiB, MFU);
 #   2. benchmarks/soar_step.py: the tiny batched-vs-loop step benchmark (CPU);

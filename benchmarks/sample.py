@@ -178,7 +178,7 @@ def main() -> None:
         print(f"{b:>5} {b / t:9.3f} {t:8.3f} {peak} {rate} {mfu}", flush=True)
     if not args.full:
         print("(text encoding and VAE decoding excluded; MFU against "
-              f"{args.peak_tflops:g} TFLOP/s, the figure DESIGN.md uses)" if cuda else
+              f"{args.peak_tflops:g} TFLOP/s, the rate of benchmarks/README.md's reference figures)" if cuda else
               "(text encoding and decoding excluded)")
 
 

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                      # GPU: SD3.5-Medium shape; CPU: params.yaml model.tiny
     python benchmarks/train_step.py --help               # --batch, --reps, --peak-tflops, --aux-microbatch, ...
 
-On a GPU (the figures DESIGN.md §6 and issue 4 compare against): a randomly initialised
+On a GPU (the setup of the reference figures in benchmarks/README.md): a randomly initialised
 ``SD3Transformer2DModel`` of the SD3.5-Medium shape (24 layers, 24 heads x 64, dual attention in
 layers 0-12, joint_attention_dim 4096, pooled 2048, qk rms_norm, patch 2, 16 latent channels),
 64x64 latents (512 px), batch 4, 154 text tokens (77 CLIP + 77 T5), fp32 weights + bf16 autocast,
@@ -20,7 +20,7 @@ the meta device (no memory, no time): the rollout forward of 2B rows plus forwar
 B(1 + M·T) training points, i.e. one step's model math WITHOUT the forward that gradient
 checkpointing recomputes (MFU counts useful model FLOPs; M = 1 makes the point count exact).
 MFU = FLOPs / (seconds per step) / peak. ``--peak-tflops`` defaults to 790 TFLOP/s, the figure
-DESIGN.md §6 uses for the H200's dense bf16 rate (NVIDIA's sheet says 989 for H100/H200 SXM).
+benchmarks/README.md's reference figures use for the H200's dense bf16 rate (NVIDIA's sheet says 989 for H100/H200 SXM).
 
 Seconds per step: median of ``--reps`` after ``--warmup`` untimed steps; SFT and SOAR interleave so
 background load hits both alike. Peak GiB: ``torch.cuda.max_memory_allocated`` over the timed steps
@@ -113,7 +113,7 @@ def add_run_args(ap: argparse.ArgumentParser, *, reps: int, warmup: int) -> None
     ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--peak-tflops", type=float, default=790.0,
-                    help="device peak for MFU, TFLOP/s (default 790 as in DESIGN.md; H100/H200 SXM sheet: 989)")
+                    help="device peak for MFU, TFLOP/s (default 790, the reference figures' rate; H100/H200 SXM sheet: 989)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
 
 
