@@ -113,7 +113,7 @@ def add_run_args(ap: argparse.ArgumentParser, *, reps: int, warmup: int) -> None
     ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--peak-tflops", type=float, default=790.0,
-                    help="device peak for MFU, TFLOP/s (default 790, the reference figures' rate; H100/H200 SXM sheet: 989)")
+                    help="device peak for MFU, TFLOP/s (default 790 as in benchmarks/README.md; H200 sheet: 989)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
 
 
