@@ -16,7 +16,7 @@ An ``__init__.py`` is a source when it holds code beyond a docstring (it runs on
 package; ``soar/rewards/__init__.py`` does), and is left out when empty.
 
 Entries are files, never folders: a folder dep reruns a stage for an edit to any file in it, imported or
-not (a folder of scorers reran ``prepare`` for an OCR change), and hides which files a stage runs, so a
+not (``soar/rewards`` as a folder would rerun ``prepare`` for an OCR edit), and hides which files a stage runs, so a
 stale entry could never be noticed. The price, a new module appears in no stage until it is imported and
 the lists are regenerated, is exactly the check this module makes.
 
