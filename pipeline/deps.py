@@ -16,9 +16,9 @@ An ``__init__.py`` is a source when it holds code beyond a docstring (it runs on
 package; ``soar/rewards/__init__.py`` does), and is left out when empty.
 
 Entries are files, never folders: a folder dep reruns a stage for an edit to any file in it, imported or
-not (``soar/rewards`` as a folder would rerun ``prepare`` for an OCR edit), and hides which files a stage runs, so a
-stale entry could never be noticed. The price, a new module appears in no stage until it is imported and
-the lists are regenerated, is exactly the check this module makes.
+not (``synth`` runs ``soar/rewards/geneval_rules.py``; the folder would rerun it for an OCR edit), and hides
+which files a stage runs, so a stale entry could never be noticed. The price, a new module appears in no
+stage until it is imported and the lists are regenerated, is exactly the check this module makes.
 
 ``python -m pipeline.deps`` prints one line per stage whose deps lack a source (missing) or list a source
 file or package folder it does not run (stale) and exits 1; ``--write`` rewrites those stages' source
