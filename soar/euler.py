@@ -5,14 +5,9 @@ from its own CPU generator seeded by ``image_seed(base, prompt_index, image_inde
 depends on which other images share its batch, on batch order, or on how many processes made the set.
 Several prompts go through one forward; cond and uncond share it (CFG doubles the batch).
 
-Bit for bit, an image also depends on the shapes of the forwards that made it, because matrix
-kernels pick their reduction order by shape: the stage therefore fixes each batch's composition
-(``stages.sample``), which makes the bytes independent of the number of processes and of resuming.
-On this project's CPU (MKL sgemm, AVX-512) a row's result is the same in any GEMM whose row count
-is a multiple of 4, so batches of an even number of prompts (2n rows with CFG) give identical bytes
-for any even batch size; an odd count sends the last rows through MKL's remainder kernel, which
-changes float rounding (1e-7 relative), i.e. a pixel by at most 1 level now and then. On a GPU
-different batch sizes select different kernels altogether: only a fixed batch size is bit-stable.
+Bit for bit, an image depends on the batch shape of its forwards (``tests/test_sampling_dist.py``,
+``test_batch_size_changes_no_image``), so the stage fixes each batch's composition (``stages.sample``):
+the bytes then depend neither on the number of processes nor on resuming.
 """
 
 from __future__ import annotations
