@@ -193,7 +193,7 @@ def test_batch_size_changes_no_image(bundle):
         assert np.abs(batched(size).astype(int) - full.astype(int)).max() <= 1, size  # float rounding at most
     if torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.backends.mkl.is_available():
         # MKL's AVX-512 sgemm gives a row the same result in any GEMM of a multiple of 4 rows, i.e. with CFG
-        # any even number of prompts per forward: then the bytes are identical (see soar/euler.py).
+        # any even number of prompts per forward: then the bytes are identical.
         for size in (2, 4):  # forwards of 4, and of 8 + 4 rows
             assert np.array_equal(batched(size), full), size
 
