@@ -5,20 +5,20 @@ relative path under the output folder, with the source repository @ commit, the 
 GitHub address, the SHA-256, the count of non-empty lines and the licence. ``fetch`` obtains a chosen
 subset from the public addresses (``source=None``) or from a mirror laid out like the output folder
 (a local folder, or an ``http(s)://`` / ``file://`` base), verifies hash and line count before anything
-is written, writes each file atomically (tmp + fsync + rename) and a ``manifest.json`` beside them.
+is written, writes each file atomically (``soar.atomic``) and a ``manifest.json`` beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from soar import atomic
 
 RAW_URL = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"  # GitHub's raw-file pattern
 MANIFEST = "manifest.json"  # in the output folder: a list of {name, source, sha256, lines}, one per file
@@ -121,22 +121,6 @@ def check(entry: PromptFile, data: bytes, where: str) -> None:
         raise PromptFileError(f"{entry.name} from {where}: expected {entry.lines} non-empty lines, got {lines}")
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    """Write ``data`` to ``dest`` through a temporary file in the same folder, fsync'd, then renamed."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _is_published(entry: PromptFile, path: Path) -> bool:
     return path.is_file() and sha256_of(path.read_bytes()) == entry.sha256
 
@@ -166,9 +150,9 @@ def fetch(names: Iterable[str], out_dir: str | Path, source: str | None = None, 
                 dest.unlink()
             data = _read(entry, where, timeout)
             check(entry, data, where)
-            write_atomic(dest, data)
+            atomic.write_bytes(dest, data)
             fetched.append(name)
             log(f"prompt_files: {name} <- {where} ({entry.lines} lines, SHA-256 ok)")
         manifest.append({"name": name, "source": where, "sha256": entry.sha256, "lines": entry.lines})
-    write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic.write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return fetched

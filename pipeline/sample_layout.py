@@ -6,8 +6,8 @@
 ``{root}/{model}/{set}/sampling.json``: what made the images (model digest, sampler settings,
 prompts), so a rerun reuses images on disk only when they would come out the same.
 
-Every file is written through a temporary ``.tmp-*`` file in the same folder and renamed, so a PNG
-at its final path is complete; a killed run can leave only ``.tmp-*`` files, which
+Every file is written atomically (``soar.atomic``: a temporary file in the same folder, renamed), so
+a PNG at its final path is complete; a killed run can leave only temporary files, which
 ``prepare_set_dir`` removes before the next run writes anything.
 """
 
@@ -16,17 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from soar import atomic
+
 INDEX = "index.jsonl"
 SETTINGS = "sampling.json"
-TMP_PREFIX = ".tmp-"
 
 log = logging.getLogger(__name__)
 
@@ -35,41 +34,18 @@ def image_path(set_dir: Path, prompt_index: int, image_index: int) -> Path:
     return set_dir / f"{prompt_index:05d}" / "samples" / f"{image_index:04d}.png"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a partial file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name does (a preempted VM)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(path: Path, image: np.ndarray) -> None:
     """Save a uint8 RGB ``[H, W, 3]`` image atomically as PNG."""
     import io
 
     buf = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def missing(set_dir: Path, entries: list[dict]) -> list[dict]:
     """The entries whose PNG is not on disk yet (a PNG at its final path is complete: see module doc)."""
     return [e for e in entries if not (set_dir / e["path"]).is_file()]
-
-
-def remove_temporaries(set_dir: Path) -> int:
-    """Delete ``.tmp-*`` files a killed run left under ``set_dir``; returns how many."""
-    stale = [p for p in set_dir.rglob(f"{TMP_PREFIX}*") if p.is_file()] if set_dir.is_dir() else []
-    for p in stale:
-        p.unlink()
-    return len(stale)
 
 
 def prepare_set_dir(set_dir: Path, settings: dict) -> int:
@@ -88,11 +64,11 @@ def prepare_set_dir(set_dir: Path, settings: dict) -> int:
                     sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k)))
                 log.warning("%s: images on disk were made otherwise (%s); sampling them again", set_dir, changed)
             shutil.rmtree(set_dir)
-    removed = remove_temporaries(set_dir)
+    removed = atomic.remove_temporaries(set_dir)
     if removed:
         log.info("%s: removed %d partial file(s) of an interrupted run", set_dir, removed)
     if not recorded.is_file():
-        atomic_write_bytes(recorded, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+        atomic.write_bytes(recorded, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
     return sum(1 for _ in set_dir.rglob("*.png"))
 
 
@@ -116,8 +92,8 @@ def write_index(set_dir: Path, entries: list[dict]) -> None:
         if e["prompt_index"] not in seen:
             seen.add(e["prompt_index"])
             meta = set_dir / f"{e['prompt_index']:05d}" / "metadata.jsonl"
-            atomic_write_bytes(meta, (json.dumps(e["metadata"]) + "\n").encode())
-    atomic_write_bytes(set_dir / INDEX, "".join(json.dumps(e) + "\n" for e in entries).encode())
+            atomic.write_bytes(meta, (json.dumps(e["metadata"]) + "\n").encode())
+    atomic.write_bytes(set_dir / INDEX, "".join(json.dumps(e) + "\n" for e in entries).encode())
 
 
 def read_index(set_dir: Path) -> list[dict]:

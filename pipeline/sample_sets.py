@@ -10,7 +10,7 @@ Image (i, j) starts from its own noise, seeded ``image_seed(sample.seed, i, j)``
 Resuming: every PNG is written atomically, so a rerun after a kill keeps the complete ones and
 samples only the batches that miss an image (writing the missing ones). Before anything is written,
 the main process checks each set folder's ``sampling.json`` (model digest, sampler settings, prompts,
-dtype): other settings empty the folder, and leftover ``.tmp-*`` files are removed.
+dtype): other settings empty the folder, and leftover temporary files are removed.
 
 On a GPU the whole bundle runs in bf16; on the CPU in fp32.
 """

@@ -18,7 +18,6 @@ one filesystem seen by every process (as ``accelerator.save_state`` on several n
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from soar import atomic
 
 MARKER = "COMPLETE"
 PREFIX = "checkpoint-"
@@ -74,40 +75,16 @@ def resolve_resume(spec: str | None, root: str | Path) -> Path | None:
     return path
 
 
-def _fsync(path: Path) -> None:
-    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_marker(folder: Path, info: dict[str, Any]) -> None:
-    with open(folder / MARKER, "w") as f:
+    with atomic.atomic_open(folder / MARKER, "w") as f:
         json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _discard(folder: Path) -> None:
-    """Remove a folder so that it vanishes at once: rename to a hidden name, then delete."""
-    trash = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(folder, trash)
-    shutil.rmtree(trash)
 
 
 def _commit(tmp: Path, final: Path, info: dict[str, Any]) -> None:
     """fsync ``tmp``'s files and folders, add the marker, rename ``tmp`` to ``final`` (replacing it)."""
-    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
-        _fsync(path)
+    atomic.fsync_tree(tmp)  # everything on disk before the marker is
     _write_marker(tmp, info)
-    _fsync(tmp)
-    if final.exists():  # the same step written before (a resumed run): replace it
-        _discard(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)
+    atomic.replace_folder(tmp, final)  # the same step written before (a resumed run) is replaced
 
 
 def prune(root: str | Path, total_limit: int | None, keep: Path | None = None) -> None:
@@ -122,7 +99,7 @@ def prune(root: str | Path, total_limit: int | None, keep: Path | None = None) -
         return
     others = [p for _, p in complete_checkpoints(root) if p != keep]
     for folder in others[: max(len(others) - (total_limit - (keep is not None)), 0)]:
-        _discard(folder)
+        atomic.remove_folder(folder)
 
 
 def save_checkpoint(accelerator: Accelerator, root: str | Path, step: int, trainer_state: dict[str, Any],

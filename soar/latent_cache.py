@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from soar import atomic
 from soar.data.dataset import ImageCaptionDataset, collate
 from soar.data.jsonl import TrainingRecord
 from soar.text_cache import file_sha256
@@ -71,11 +71,8 @@ class LatentCache:
         return data["mean"], data["std"]
 
     def write(self, record: TrainingRecord, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(record)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, tmp)
-        os.replace(tmp, path)
+        with atomic.atomic_path(self.path(record)) as tmp:
+            save_file({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, tmp)
 
     def build(self, codec, dataset: ImageCaptionDataset, indices: Sequence[int], device: torch.device | str,
               batch_size: int) -> int:

@@ -8,20 +8,21 @@ RNG, pruned to the newest few) snapshots hold no training state and are all kept
 
 Saving never touches the training weights: the model is copied to the CPU (the EMA shadow in place
 of the trained parameters) and the copy is saved, through the same ``soar.finetune.save_model`` as
-the final ``transformer/``. A snapshot is written to a hidden temporary folder and renamed, so a
-``step-*`` folder is always complete; saving a step again (a resumed run) replaces it.
+the final ``transformer/``. A snapshot is written to a hidden temporary folder, fsync'd and renamed
+(``soar.atomic.atomic_folder``), so a ``step-*`` folder is always complete; saving a step again (a
+resumed run) replaces it.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from soar.atomic import atomic_folder
 from soar.finetune import LoraSettings, save_model
 
 SNAPSHOT_DIR = "snapshots"  # under the training run's output folder
@@ -71,10 +72,6 @@ def sampling_weights(parameters: Sequence[torch.nn.Parameter], ema) -> dict[int,
 def write_snapshot(model: torch.nn.Module, out_dir: str | Path, step: int, lora: LoraSettings | None) -> Path:
     """Save ``model`` (a copy: LoRA is merged into it in place) as the snapshot of ``step``; returns its folder."""
     final = snapshot_folder(out_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
-    save_model(model, tmp / TRANSFORMER, lora)
-    if final.exists():  # the same step of a resumed run
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:  # the same step of a resumed run is replaced
+        save_model(model, tmp / TRANSFORMER, lora)
     return final

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from soar import atomic
 
 FORMAT_VERSION = 1
 CAPTION_BATCH = 256  # captions per text-encoder call
@@ -118,13 +119,11 @@ def build_cache(bundle, model_dir: str | Path, captions: Iterable[str], path: st
                     joint_attention_dim=bundle.transformer.config.joint_attention_dim, dtype=dtype)
     table = encode_table(bundle, captions, DTYPES[dtype])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"key": key, "format": FORMAT_VERSION, "dtype": dtype, "model_dir": str(model_dir),
             "manifest": manifest, "captions": sorted(table.rows, key=table.rows.get)}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"embeds": table.embeds.contiguous(), "pooled": table.pooled.contiguous(), "meta": json.dumps(meta)},
-               tmp)
-    os.replace(tmp, path)  # never a half-written cache under the final name
+    with atomic.atomic_path(path) as tmp:  # never a half-written cache under the final name
+        torch.save({"embeds": table.embeds.contiguous(), "pooled": table.pooled.contiguous(),
+                    "meta": json.dumps(meta)}, tmp)
     table.source = str(path)
     return table
 

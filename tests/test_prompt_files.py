@@ -29,6 +29,7 @@ from pipeline import prompt_files
 from pipeline.prompt_files import FILES, MANIFEST, PromptFileError, PromptFile, fetch
 from pipeline.config import PromptFileName, parse_config, read_params
 from pipeline.schema import ConfigError
+from soar import atomic
 from soar.data.prompts import read_prompt_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,13 +224,13 @@ def test_missing_file_names_its_url_or_path(fake_table, server, tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
-def test_failed_write_leaves_no_tmp_file(monkeypatch, tmp_path):
+def test_failed_write_leaves_no_tmp_file(fake_table, monkeypatch, server, tmp_path):
     def broken_replace(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(prompt_files.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk gone"):
-        prompt_files.write_atomic(tmp_path / "out" / "x.txt", b"data")
+        fetch(["fake/b.txt"], tmp_path / "out", str(server.root), log=quiet)
     assert files_under(tmp_path / "out") == []
 
 

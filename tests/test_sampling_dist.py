@@ -28,7 +28,8 @@ import stages.common
 import stages.sample
 from pipeline.config import parse_config, read_params
 from pipeline.sample_sets import fixed_batches, shard
-from pipeline.sample_layout import INDEX, SETTINGS, TMP_PREFIX, prepare_set_dir
+from pipeline.sample_layout import INDEX, SETTINGS, prepare_set_dir
+from soar.atomic import TEMP_GLOB, TEMP_INFIX
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, write_tiny_model
 from soar.euler import image_seed, sample
@@ -147,18 +148,20 @@ def test_two_gloo_processes_write_the_same_bytes(work, one_process):
 def test_killed_run_resumes_to_the_same_bytes(work, one_process):
     # 2 workers; worker 1 is killed (SIGKILL) in the middle of writing its 2nd PNG, and torchrun stops worker 0
     (work / "die.py").write_text(textwrap.dedent("""
-        import os, runpy, signal, sys, tempfile
-        import pipeline.sample_layout as samples
-        real, count = samples.atomic_write_bytes, 0
+        import os, runpy, signal, sys
+        from pathlib import Path
+        import soar.atomic as atomic
+        real, count = atomic.write_bytes, 0
         def write(path, data):
             global count
+            path = Path(path)
             count += path.suffix == ".png"
             if os.environ["RANK"] == "1" and count == 2:
-                fd, _ = tempfile.mkstemp(dir=path.parent, prefix=samples.TMP_PREFIX)
-                os.write(fd, data[: len(data) // 2])  # half written, never renamed
+                half = path.with_name(path.name + atomic.TEMP_INFIX + "killed")
+                half.write_bytes(data[: len(data) // 2])  # half written, never renamed
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
-        samples.atomic_write_bytes = write
+        atomic.write_bytes = write
         sys.argv = ["stages.sample", "base"]
         runpy.run_module("stages.sample", run_name="__main__")
     """))
@@ -167,7 +170,7 @@ def test_killed_run_resumes_to_the_same_bytes(work, one_process):
     assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in out, explain(killed)
     root = work / "resumed" / "base"
     # rank 1 wrote 1 PNG of geneval batch 1; rank 0 at most all of geneval batches 0 and 2
-    assert 1 <= len(pngs(root)) <= 9 and list(root.rglob(TMP_PREFIX + "*"))
+    assert 1 <= len(pngs(root)) <= 9 and list(root.rglob(TEMP_GLOB))
     assert not (root / "geneval" / INDEX).exists()
 
     run_here(work, "resumed")  # resume on another number of processes
@@ -214,8 +217,8 @@ def test_set_folder_kept_only_for_the_same_settings(tmp_path):
     assert prepare_set_dir(d, settings) == 0
     (d / "00000" / "samples").mkdir(parents=True)
     (d / "00000" / "samples" / "0000.png").write_bytes(b"png")
-    (d / "00000" / "samples" / f"{TMP_PREFIX}x").write_bytes(b"half")
+    (d / "00000" / "samples" / f"0000.png{TEMP_INFIX}x").write_bytes(b"half")
     assert prepare_set_dir(d, settings) == 1  # same settings: the image stays, the temporary goes
-    assert not list(d.rglob(TMP_PREFIX + "*"))
+    assert not list(d.rglob(TEMP_GLOB))
     assert prepare_set_dir(d, {**settings, "seed": 2}) == 0  # other settings: sampled again
     assert json.loads((d / SETTINGS).read_text())["seed"] == 2

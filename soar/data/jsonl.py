@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soar import atomic
+
 IMAGE_SUFFIX = ".jpg"
 KEY_ID = "md5"
 KEY_CAPTION = "caption_en"
@@ -106,15 +108,11 @@ def required_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ..
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Write one JSON object per line (atomically, via a temporary file); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic.atomic_open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, path)
     return count
 
 
