@@ -67,14 +67,6 @@ class StageRun:
         if self.active:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        if self.active:
-            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
-
-    def log_text(self, text: str, name: str) -> None:
-        if self.active:
-            self._mlflow.log_text(text, name)
-
 
 def use_experiment(mlflow_cfg, experiment: str | None = None):
     """Point mlflow at the configured store and experiment (``experiment`` overrides the config's); returns mlflow."""

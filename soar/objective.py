@@ -25,8 +25,3 @@ def soar_loss(point_loss: torch.Tensor, is_aux: torch.Tensor, lambda_aux: float,
     """
     weights = torch.where(is_aux, torch.as_tensor(lambda_aux, dtype=point_loss.dtype), 1.0)
     return (weights * point_loss).sum() * normaliser
-
-
-def sft_loss(point_loss: torch.Tensor) -> torch.Tensor:
-    """Plain flow-matching loss: the mean of the main points' losses ``[B]``."""
-    return point_loss.mean()

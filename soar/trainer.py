@@ -29,7 +29,7 @@ format: ``soar.finetune``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +79,6 @@ class LoopSettings:
     optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (soar.finetune.make_optimizer)
     lora: LoraSettings | None = None  # None = full fine-tuning; else peft LoRA adapters train
     snapshot_steps: int = 0  # save the sampled weights to out_dir/snapshots every this many steps (0 = none)
-
-
-def encode_captions(bundle: SD3Bundle, captions: Sequence[str]) -> TextTable:
-    """Encode each distinct caption once, ``CAPTION_BATCH`` per encoder call, into an in-memory text table."""
-    return encode_table(bundle, captions, batch=CAPTION_BATCH)
 
 
 def make_velocity(transformer) -> Callable:
@@ -142,7 +137,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
     if text is None:  # encode on the accelerator, then the encoders leave it
         bundle.to(device)
         prompts = validation.prompts if validation is not None and validation.enabled else ()
-        text = encode_captions(bundle, [*(r.caption for r in records), "", *prompts])
+        text = encode_table(bundle, [*(r.caption for r in records), "", *prompts], batch=CAPTION_BATCH)
     else:
         bundle.transformer.to(device)
         bundle.codec.to(device)

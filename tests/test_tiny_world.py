@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soar.data.quality import DEFAULT_QUALITY_THRESHOLD, image_quality
+from pipeline.config import read_params
+from soar.data.quality import image_quality
 from soar.data.tiny_render import (
     BACKGROUND_RGB,
     DEGRADATION_MODES,
@@ -36,6 +37,7 @@ from soar.rewards.geneval import GenEvalScorer
 from soar.rewards.geneval_rules import evaluate, load_metadata_jsonl
 from soar.rewards.tiny_detector import TinyDetector
 
+QUALITY_THRESHOLD = read_params(Path(__file__).resolve().parents[1] / "params.yaml")["data"]["quality_threshold"]
 ARGS = {"num_images": 60, "image_size": 64, "degraded_fraction": 0.25, "text_fraction": 0.2,
         "num_eval_geneval": 24, "num_eval_ocr": 10, "num_heldout": 16, "seed": 3}
 
@@ -190,8 +192,8 @@ def test_quality_separates_clean_from_degraded():
         clean.append(image_quality(_jpeg(image)))
         degraded.append(image_quality(_jpeg(bad)))
     assert modes == set(DEGRADATION_MODES)
-    assert min(clean) >= DEFAULT_QUALITY_THRESHOLD + 3, min(clean)
-    assert max(degraded) < DEFAULT_QUALITY_THRESHOLD - 3, max(degraded)
+    assert min(clean) >= QUALITY_THRESHOLD + 3, min(clean)
+    assert max(degraded) < QUALITY_THRESHOLD - 3, max(degraded)
     assert 0.0 <= min(degraded) and max(clean) <= 10.0
 
 
@@ -203,7 +205,7 @@ def test_world_degraded_images_are_exactly_the_low_quality_ones(world, tmp_path)
     assert [r["caption_en"] for r in rows] == [r["caption_en"] for r in clean_rows]
     changed = [a["md5"] != b["md5"] for a, b in zip(rows, clean_rows, strict=True)]
     low = [image_quality(np.asarray(Image.open(out / "images" / f"{r['md5']}.jpg").convert("RGB")))
-           < DEFAULT_QUALITY_THRESHOLD for r in rows]
+           < QUALITY_THRESHOLD for r in rows]
     assert low == changed and sum(low) == summary["degraded"]
 
 

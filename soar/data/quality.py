@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_QUALITY_THRESHOLD = 5.0
 EDGE_MIN_CONTRAST = 40.0
 RANGE_WINDOW = 7
 STEP_WINDOW = 3
