@@ -85,6 +85,7 @@ t.run_train({model!r}, {images!r}, {out!r})
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_straight_run(world, tmp_path, capsys):
     model, images = world
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from soar.rewards.geneval_rules import (
@@ -15,7 +13,20 @@ from soar.rewards.geneval_rules import (
     relative_position,
 )
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
+TAGS = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+# one line per tag in the official evaluation_metadata.jsonl format (its keys, key order and spacing)
+OFFICIAL_FORMAT = """\
+{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+{"tag": "two_object", "include": [{"class": "toilet", "count": 1}, {"class": "bicycle", "count": 1}], \
+"prompt": "a photo of a toilet and a bicycle"}
+{"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}], \
+"prompt": "a photo of two clocks"}
+{"tag": "colors", "include": [{"class": "cow", "count": 1, "color": "purple"}], "prompt": "a photo of a purple cow"}
+{"tag": "position", "include": [{"class": "teddy bear", "count": 1}, \
+{"class": "dog", "count": 1, "position": ["right of", 0]}], "prompt": "a photo of a dog right of a teddy bear"}
+{"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "green"}, \
+{"class": "microwave", "count": 1, "color": "purple"}], "prompt": "a photo of a green bus and a purple microwave"}
+"""
 
 
 def det(label: str, x: float = 0.0, y: float = 0.0, *, size: float = 10.0, score: float = 0.95,
@@ -173,9 +184,20 @@ def test_metadata_errors_name_the_key_and_line(tmp_path):
         load_metadata_jsonl(bad)
 
 
-@pytest.mark.skipif(not OFFICIAL.exists(), reason="official GenEval prompt list not available")
-def test_official_prompt_list_parses():
-    lines = load_metadata_jsonl(OFFICIAL)
+def test_official_format_parses(tmp_path):
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text(OFFICIAL_FORMAT + "\n")  # a trailing blank line is skipped
+    lines = load_metadata_jsonl(path)
+    assert [m["tag"] for m in lines] == ["single_object", "two_object", "counting", "colors", "position",
+                                         "color_attr"]
+    assert lines[2]["exclude"] == [{"class": "clock", "count": 3}]
+    assert lines[4]["include"][1]["position"] == ["right of", 0]
+    for m in lines:  # every tag's clauses go through the rules engine
+        assert evaluate(m, [])[:2] == (False, False)
+
+
+@pytest.mark.public_data
+def test_official_prompt_list_parses(public_prompt_files):
+    lines = load_metadata_jsonl(public_prompt_files / "geneval" / "evaluation_metadata.jsonl")
     assert len(lines) == 553
-    assert {m["tag"] for m in lines} == {"single_object", "two_object", "counting", "colors", "position",
-                                         "color_attr"}
+    assert {m["tag"] for m in lines} == TAGS

@@ -77,6 +77,7 @@ def two_process_run(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
     work, proc = two_process_run
     out = proc.stdout + proc.stderr
@@ -100,6 +101,7 @@ def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation")] == ["validation/step_000002.png"]
 
 
+@pytest.mark.slow
 def test_two_process_run_saves_a_trained_transformer(two_process_run):
     work, proc = two_process_run
     assert proc.returncode == 0
@@ -154,6 +156,7 @@ def test_deepspeed_json_is_zero2_with_auto_values():
     assert "optimizer" not in ds and "scheduler" not in ds  # the trainer's AdamW and LR schedule are used
 
 
+@pytest.mark.slow
 def test_slurm_script_wraps_accelerate_launch():
     text = (LAUNCH / "slurm_train.sbatch").read_text()
     assert subprocess.run(["bash", "-n", str(LAUNCH / "slurm_train.sbatch")]).returncode == 0
@@ -187,6 +190,7 @@ def test_paper_profile_values():
         load_bundle(cfg.model.base_path)
 
 
+@pytest.mark.slow
 def test_profile_cli_round_trips(tmp_path):
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     (tmp_path / "params.yaml").write_bytes((ROOT / "profiles" / "tiny.yaml").read_bytes())

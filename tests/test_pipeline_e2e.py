@@ -23,6 +23,8 @@ from ruamel.yaml import YAML
 
 from pipeline.config import read_params
 
+pytestmark = pytest.mark.slow  # `dvc repro` in subprocesses: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = {  # seconds-scale sizes; everything else stays the default tiny profile
     "synth": {"num_images": 160, "num_eval_geneval": 12, "num_eval_ocr": 4, "num_heldout": 6},

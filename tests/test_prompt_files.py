@@ -1,8 +1,9 @@
-"""The paper's prompt files: the table matches the shared copies, fetching checks SHA-256, config names keys.
+"""The paper's prompt files: the table matches the public files, fetching checks SHA-256, config names keys.
 
-The shared copies (``../shared/benchmarks`` next to the repository) are read, never copied into it; tests
-that need them skip, naming the folder, only when it is absent. Fetch failures are tested on small fake
-files served by a real ``http.server`` on 127.0.0.1, with the table patched to them.
+Tests marked ``public_data`` read the real public files from the folder named by ``SOAR_PROMPT_FILES_DIR``
+(the ``prompt_files`` stage's ``out_dir`` layout) and skip, saying so, when it is unset. Reading and fetching
+are also tested on small handwritten files in the same formats, served by a real ``http.server`` on
+127.0.0.1, with the table patched to them.
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ from typing import get_args
 import pytest
 
 from pipeline import prompt_files
-from pipeline.prompt_files import FILES, MANIFEST, PromptFileError, PromptFile, fetch
-from pipeline.config import PromptFileName, parse_config, read_params
-from pipeline.schema import ConfigError
+from pipeline.config import ConfigError, PromptFileName, parse_config, read_params
+from pipeline.prompt_files import FILES, MANIFEST, PromptFile, PromptFileError, fetch
 from soar import atomic
 from soar.data.prompts import read_prompt_set
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
-# name -> (format, prompt items, distinct prompts), as the issue and PROVENANCE.md state them
+# name -> (format, prompt items, distinct prompts) of the published files
 SPEC = {
     "flowgrpo/geneval/test_metadata.jsonl": ("geneval", 2212, 553),
     "flowgrpo/ocr/test.txt": ("text", 1018, 1018),
@@ -46,18 +45,11 @@ SPEC = {
 }
 
 
-@pytest.fixture
-def shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared benchmark copies absent: folder {SHARED} does not exist")
-    return SHARED
-
-
 def quiet(_msg: str) -> None:
     pass
 
 
-# --- the table and the shared copies ---------------------------------------------------------------
+# --- the table and the public files ----------------------------------------------------------------
 
 def test_table_covers_the_spec_and_builds_raw_urls():
     assert set(FILES) == set(SPEC) == set(get_args(PromptFileName))  # the config accepts exactly these
@@ -67,8 +59,11 @@ def test_table_covers_the_spec_and_builds_raw_urls():
         assert re.fullmatch(r"[0-9a-f]{64}", entry.sha256) and re.fullmatch(r"[0-9a-f]{40}", entry.commit)
 
 
-def test_table_matches_provenance(shared):
-    text = (shared / "PROVENANCE.md").read_text()
+@pytest.mark.public_data
+def test_table_matches_provenance(public_prompt_files):
+    if not (public_prompt_files / "PROVENANCE.md").is_file():
+        pytest.skip(f"no PROVENANCE.md (sources, commits, SHA-256 sums) in {public_prompt_files}")
+    text = (public_prompt_files / "PROVENANCE.md").read_text()
     sums = {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})\s+\./(\S+)$", text, re.M)}
     assert sums == {name: e.sha256 for name, e in FILES.items()}
     repo = commit = None
@@ -81,25 +76,57 @@ def test_table_matches_provenance(shared):
             (repo, commit, path, int(lines)), name
 
 
-@pytest.mark.parametrize("name", sorted(SPEC))
-def test_shared_copy_reads_and_hashes(shared, name):
-    fmt, items, distinct = SPEC[name]
-    prompts = read_prompt_set(shared / name, fmt)
+# a few lines in each published format: GenEval metadata JSONL and one prompt a line, repeats kept
+GENEVAL_LINES = """\
+{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+{"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}], \
+"prompt": "a photo of two clocks"}
+{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+"""
+TEXT_LINES = """\
+A wooden shop sign that says "Open", hanging over a cobbled street.
+A lighthouse made of stacked teacups on a rocky shore at dusk.
+A wooden shop sign that says "Open", hanging over a cobbled street.
+An origami crane perched on a red bicycle bell.
+"""
+
+
+@pytest.mark.parametrize(("fmt", "data", "items", "distinct"),
+                         [("geneval", GENEVAL_LINES, 3, 2), ("text", TEXT_LINES, 4, 3)])
+def test_format_reads_items_and_distinct_prompts(tmp_path, fmt, data, items, distinct):
+    path = tmp_path / f"set.{fmt}"
+    path.write_text(data)
+    prompts = read_prompt_set(path, fmt)
     assert len(prompts) == items
     assert len({p.prompt for p in prompts}) == distinct
-    assert hashlib.sha256((shared / name).read_bytes()).hexdigest() == FILES[name].sha256
+    assert [p.index for p in prompts] == list(range(items))
+    if fmt == "geneval":
+        assert all(isinstance(p.metadata.get("tag"), str) and p.metadata.get("include") for p in prompts)
+        assert prompts[1].metadata["exclude"] == [{"class": "clock", "count": 3}]
+
+
+@pytest.mark.public_data
+@pytest.mark.parametrize("name", sorted(SPEC))
+def test_public_file_reads_and_hashes(public_prompt_files, name):
+    fmt, items, distinct = SPEC[name]
+    prompts = read_prompt_set(public_prompt_files / name, fmt)
+    assert len(prompts) == items
+    assert len({p.prompt for p in prompts}) == distinct
+    assert hashlib.sha256((public_prompt_files / name).read_bytes()).hexdigest() == FILES[name].sha256
     if fmt == "geneval":
         assert all(isinstance(p.metadata.get("tag"), str) and p.metadata.get("include") for p in prompts)
 
 
-def test_flowgrpo_sets_repeat_their_prompts(shared):
+@pytest.mark.public_data
+def test_flowgrpo_sets_repeat_their_prompts(public_prompt_files):
     """GenEval: the 553 official metadata lines x 4; DrawBench: 200 prompts x 5."""
-    official = read_prompt_set(shared / "geneval/evaluation_metadata.jsonl", "geneval")
-    flow = read_prompt_set(shared / "flowgrpo/geneval/test_metadata.jsonl", "geneval")
+    official = read_prompt_set(public_prompt_files / "geneval/evaluation_metadata.jsonl", "geneval")
+    flow = read_prompt_set(public_prompt_files / "flowgrpo/geneval/test_metadata.jsonl", "geneval")
     lines = Counter(json.dumps(p.metadata, sort_keys=True) for p in flow)
     assert set(lines) == {json.dumps(p.metadata, sort_keys=True) for p in official}
     assert set(lines.values()) == {4}
-    drawbench = Counter(p.prompt for p in read_prompt_set(shared / "flowgrpo/drawbench/test.txt", "text"))
+    drawbench = Counter(p.prompt for p in read_prompt_set(public_prompt_files / "flowgrpo/drawbench/test.txt",
+                                                          "text"))
     assert len(drawbench) == 200 and set(drawbench.values()) == {5}
 
 
@@ -158,13 +185,30 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_fetch_real_copies_over_http(shared, server, tmp_path):
-    shutil.copytree(shared, server.root, dirs_exist_ok=True)
+def test_fetch_over_http_writes_files_and_manifest(fake_table, server, tmp_path):
+    out = tmp_path / "out"
+    assert fetch(list(fake_table), out, server.url, log=quiet) == list(fake_table)
+    assert sorted(server.requests) == sorted(f"/{n}" for n in fake_table)
+    for name in fake_table:
+        assert (out / name).read_bytes() == (server.root / name).read_bytes()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest == [{"name": n, "source": f"{server.url}/{n}", "sha256": e.sha256, "lines": e.lines}
+                        for n, e in fake_table.items()]
+    assert fetch(list(fake_table), out, server.url + "/", log=quiet) == []  # present and right: nothing fetched
+    assert len(server.requests) == len(fake_table)
+    assert sorted(files_under(out)) == sorted([*fake_table, MANIFEST])
+
+
+@pytest.mark.public_data
+def test_fetch_real_copies_over_http(public_prompt_files, server, tmp_path):
+    for name in FILES:
+        (server.root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(public_prompt_files / name, server.root / name)
     out = tmp_path / "out"
     assert fetch(list(FILES), out, server.url, log=quiet) == list(FILES)
     assert sorted(server.requests) == sorted(f"/{n}" for n in FILES)
     for name in FILES:
-        assert (out / name).read_bytes() == (shared / name).read_bytes()
+        assert (out / name).read_bytes() == (public_prompt_files / name).read_bytes()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest == [{"name": n, "source": f"{server.url}/{n}", "sha256": e.sha256, "lines": e.lines}
                         for n, e in FILES.items()]
@@ -261,6 +305,7 @@ def test_profiles_prompt_files_sections():
         assert rel.as_posix() in paper.prompt_files.files, set_name
 
 
+@pytest.mark.slow
 def test_stage_writes_manifest(tmp_path):
     params = read_params(ROOT / "params.yaml")
     params["prompt_files"]["out_dir"] = str(tmp_path / "out")

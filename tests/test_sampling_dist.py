@@ -27,12 +27,12 @@ from helpers import TINY_ARCH
 import stages.common
 import stages.sample
 from pipeline.config import parse_config, read_params
-from pipeline.sample_sets import fixed_batches, shard
 from pipeline.sample_layout import INDEX, SETTINGS, prepare_set_dir
+from pipeline.sample_sets import fixed_batches, shard
 from soar.atomic import TEMP_GLOB, TEMP_INFIX
+from soar.euler import image_seed, sample
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyArch, write_tiny_model
-from soar.euler import image_seed, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]
@@ -122,6 +122,7 @@ def one_process(work) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_write_the_same_bytes(work, one_process):
     proc = launch(work, "two")
     out = proc.stdout + proc.stderr
@@ -145,6 +146,7 @@ def test_two_gloo_processes_write_the_same_bytes(work, one_process):
     assert two_runs[0].data.metrics["images_sampled"] == TOTAL
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_bytes(work, one_process):
     # 2 workers; worker 1 is killed (SIGKILL) in the middle of writing its 2nd PNG, and torchrun stops worker 0
     (work / "die.py").write_text(textwrap.dedent("""
