@@ -185,18 +185,22 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
-def test_fetch_over_http_writes_files_and_manifest(fake_table, server, tmp_path):
-    out = tmp_path / "out"
-    assert fetch(list(fake_table), out, server.url, log=quiet) == list(fake_table)
-    assert sorted(server.requests) == sorted(f"/{n}" for n in fake_table)
-    for name in fake_table:
+def assert_fetched_over_http(table: dict[str, PromptFile], server: Server, out: Path) -> None:
+    """Fetching every file of ``table`` from ``server`` writes its bytes and the manifest; a second fetch is a no-op."""
+    assert fetch(list(table), out, server.url, log=quiet) == list(table)
+    assert sorted(server.requests) == sorted(f"/{n}" for n in table)
+    for name in table:
         assert (out / name).read_bytes() == (server.root / name).read_bytes()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest == [{"name": n, "source": f"{server.url}/{n}", "sha256": e.sha256, "lines": e.lines}
-                        for n, e in fake_table.items()]
-    assert fetch(list(fake_table), out, server.url + "/", log=quiet) == []  # present and right: nothing fetched
-    assert len(server.requests) == len(fake_table)
-    assert sorted(files_under(out)) == sorted([*fake_table, MANIFEST])
+                        for n, e in table.items()]
+    assert fetch(list(table), out, server.url + "/", log=quiet) == []  # present and right: nothing fetched
+    assert len(server.requests) == len(table)
+    assert sorted(files_under(out)) == sorted([*table, MANIFEST])
+
+
+def test_fetch_over_http_writes_files_and_manifest(fake_table, server, tmp_path):
+    assert_fetched_over_http(fake_table, server, tmp_path / "out")
 
 
 @pytest.mark.public_data
@@ -204,17 +208,7 @@ def test_fetch_real_copies_over_http(public_prompt_files, server, tmp_path):
     for name in FILES:
         (server.root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(public_prompt_files / name, server.root / name)
-    out = tmp_path / "out"
-    assert fetch(list(FILES), out, server.url, log=quiet) == list(FILES)
-    assert sorted(server.requests) == sorted(f"/{n}" for n in FILES)
-    for name in FILES:
-        assert (out / name).read_bytes() == (public_prompt_files / name).read_bytes()
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest == [{"name": n, "source": f"{server.url}/{n}", "sha256": e.sha256, "lines": e.lines}
-                        for n, e in FILES.items()]
-    assert fetch(list(FILES), out, server.url + "/", log=quiet) == []  # present and right: nothing fetched
-    assert len(server.requests) == len(FILES)
-    assert sorted(files_under(out)) == sorted([*FILES, MANIFEST])
+    assert_fetched_over_http(FILES, server, tmp_path / "out")
 
 
 def test_fetch_from_folder_and_file_url(fake_table, server, tmp_path):
