@@ -44,6 +44,7 @@ from train_step import ROOT, Setup, add_run_args, count_flops, gpu_setup, run_de
 
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from soar.euler import denoise, image_seed, initial_noise, sample  # noqa: E402
+from soar.velocity import transformer_velocity, with_cfg  # noqa: E402
 
 
 def sigmas_for(steps: int, shift: float) -> torch.Tensor:
@@ -154,7 +155,8 @@ def main() -> None:
             z = initial_noise(seeds, (setup.channels, setup.latent, setup.latent)).to(device)
             embeds = torch.randn(2 * b, setup.text_tokens, width, generator=g).to(device, dtype)
             pooled = torch.randn(2 * b, pooled_dim, generator=g).to(device, dtype)
-            run = functools.partial(denoise, model, z, embeds, pooled, sigmas, args.guidance)
+            velocity = with_cfg(transformer_velocity(model, cast_inputs=True), args.guidance, embeds[b:], pooled[b:])
+            run = functools.partial(denoise, velocity, z, sigmas, embeds[:b], pooled[:b])
         try:
             times = []
             if cuda:

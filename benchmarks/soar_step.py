@@ -31,7 +31,7 @@ from soar.flow import loss_weight, sigma_grid, weighted_mse
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyArch, build_transformer
 from soar.objective import loss_denominator
 from soar.step import StepSettings, TextCond, build_points, draw, training_step
-from soar.trainer import make_velocity
+from soar.velocity import transformer_velocity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def main() -> None:
     tiny = params["model"]["tiny"]
     arch = TinyArch(**tiny)
     transformer = build_transformer(arch, seed=0).train()
-    velocity = make_velocity(transformer)
+    velocity = transformer_velocity(transformer)
     grid = sigma_grid(NUM_TRAIN_TIMESTEPS, arch.shift).float()
     s = settings(params, args.paths, args.trajectory_length)
     g = torch.Generator().manual_seed(0)

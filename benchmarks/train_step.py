@@ -43,7 +43,7 @@ from pipeline.config import read_params
 from soar.flow import sigma_grid
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyArch, build_transformer
 from soar.step import StepSettings, TextCond, training_step
-from soar.trainer import make_velocity
+from soar.velocity import transformer_velocity
 
 ROOT = Path(__file__).resolve().parents[1]
 SD35_MEDIUM = dict(  # the public transformer/config.json of stabilityai/stable-diffusion-3.5-medium
@@ -90,7 +90,7 @@ def count_flops(setup: Setup, rows: int, grad: bool) -> int:
         emb = torch.randn(rows, setup.text_tokens, setup.config["joint_attention_dim"])
         pooled = torch.randn(rows, setup.config["pooled_projection_dim"])
         sigma = torch.rand(rows)
-    velocity = make_velocity(model)
+    velocity = transformer_velocity(model)
     counter = FlopCounterMode(display=False)
     with counter, torch.set_grad_enabled(grad):
         out = velocity(z, sigma, emb, pooled)
@@ -150,7 +150,7 @@ def main() -> None:
         model.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-2)
-    velocity = make_velocity(model)
+    velocity = transformer_velocity(model)
     grid = sigma_grid(NUM_TRAIN_TIMESTEPS, setup.shift).float().to(device)
     g = torch.Generator(device).manual_seed(0)
     b, width, pooled = args.batch, setup.config["joint_attention_dim"], setup.config["pooled_projection_dim"]

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from soar.flow import TIMESTEP_SCALE
 from soar.models.bundle import SD3Bundle
-from soar.rollout import cfg_velocity, ode_step
+from soar.rollout import ode_step
+from soar.velocity import Velocity, transformer_velocity, with_cfg
 
 
 def image_seed(base: int, prompt_index: int, image_index: int) -> int:
@@ -40,28 +40,21 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def weights_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
 @torch.no_grad()
-def denoise(transformer, z: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, sigmas: torch.Tensor,
-            guidance_scale: float) -> torch.Tensor:
-    """Euler ODE with CFG from ``z [N, C, h, w]`` at sigmas[0] to sigmas[-1]; returns the final latents (fp32).
+def denoise(velocity: Velocity, z: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+            pooled: torch.Tensor) -> torch.Tensor:
+    """Euler ODE from ``z [N, C, h, w]`` at sigmas[0] to sigmas[-1]; returns the final latents (float32 or wider).
 
-    ``embeds [2N, L, D]`` / ``pooled [2N, P]``: the N prompts' rows, then the N negative rows; each
-    step is ONE transformer forward of 2N rows in the weights' dtype (bf16 weights: bf16 forward),
-    z <- z + (sigma_{i+1} - sigma_i) v_cfg with v_cfg = v(c∅) + s (v(c) - v(c∅)) kept in fp32.
+    Each step z <- z + (sigma_{i+1} - sigma_i) velocity(z, sigma_i, embeds, pooled)
+    (docs/method.md#notation-and-the-timestep-convention), sigma_i a float32 ``[N]`` on z's device;
+    ``embeds [N, L, D]`` / ``pooled [N, P]``. With a ``soar.velocity.with_cfg`` velocity every step is
+    ONE transformer forward of 2N rows.
     """
-    n, device, dtype = z.shape[0], z.device, weights_dtype(transformer)
-    embeds, pooled, z = embeds.to(device, dtype), pooled.to(device, dtype), z.float()
+    n, device = z.shape[0], z.device
+    z = z.float()
     for i in range(len(sigmas) - 1):
-        sigma = torch.full((2 * n,), float(sigmas[i]), device=device)
-        out = transformer(hidden_states=torch.cat([z, z]).to(dtype), timestep=sigma * TIMESTEP_SCALE,
-                          encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-        v_cond, v_uncond = out.float().chunk(2)
-        z = ode_step(z, cfg_velocity(v_cond, v_uncond, guidance_scale), sigma[:n],
-                     torch.full((n,), float(sigmas[i + 1]), device=device))
+        sigma, sigma_next = (torch.full((n,), float(s), device=device) for s in sigmas[i:i + 2])
+        z = ode_step(z, velocity(z, sigma, embeds, pooled), sigma, sigma_next)
     return z
 
 
@@ -71,19 +64,33 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def sample_embeds(transformer, codec, sigmas: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                  seeds: Sequence[int], *, guidance_scale: float, resolution: int) -> np.ndarray:
+    """Images for N prompts given as text embeddings, uint8 RGB ``[N, H, W, 3]``.
+
+    ``embeds [N + 1, L, D]`` / ``pooled [N + 1, P]``: the N prompts' rows, then the negative prompt's;
+    image i starts from the noise of ``seeds[i]``; ``sigmas [S + 1]``: the schedule (``sampling_sigmas``).
+    The transformer runs in eval mode on its device, in the dtype of its weights (the sample stage casts
+    the bundle to bf16 on a GPU), with CFG (``soar.velocity.with_cfg``); the latents are decoded by ``codec``.
+    """
+    param = next(transformer.parameters())
+    device, dtype, n = param.device, param.dtype, len(seeds)
+    side = resolution // codec.downscale
+    z = initial_noise(seeds, (codec.channels, side, side)).to(device)
+    embeds, pooled = embeds.to(device, dtype), pooled.to(device, dtype)
+    velocity = with_cfg(transformer_velocity(transformer.eval(), cast_inputs=True), guidance_scale, embeds[n:],
+                        pooled[n:])
+    return to_uint8(codec.decode(denoise(velocity, z, sigmas, embeds[:n], pooled[:n])))
+
+
+@torch.no_grad()
 def sample(bundle: SD3Bundle, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
            resolution: int, negative_prompt: str = "") -> np.ndarray:
     """Images for ``prompts`` (one per entry, with the matching seed) as uint8 RGB ``[N, H, W, 3]``.
 
-    The transformer runs in the dtype of its weights (the sample stage casts the bundle to bf16 on a
-    GPU); the prompts and the negative prompt are encoded in one call, the N images denoised together.
+    The prompts and the negative prompt are encoded in one call, the N images denoised together
+    (``sample_embeds``).
     """
-    transformer = bundle.transformer.eval()
-    side = resolution // bundle.codec.downscale
-    z = initial_noise(seeds, (bundle.codec.channels, side, side)).to(bundle.device)
     embeds, pooled = bundle.encode_prompts([*prompts, negative_prompt])
-    n = len(prompts)
-    embeds = torch.cat([embeds[:n], embeds[n:].expand(n, -1, -1)])
-    pooled = torch.cat([pooled[:n], pooled[n:].expand(n, -1)])
-    z = denoise(transformer, z, embeds, pooled, sampling_sigmas(bundle, steps), guidance_scale)
-    return to_uint8(bundle.codec.decode(z))
+    return sample_embeds(bundle.transformer, bundle.codec, sampling_sigmas(bundle, steps), embeds, pooled, seeds,
+                         guidance_scale=guidance_scale, resolution=resolution)

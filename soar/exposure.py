@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from soar.flow import TIMESTEP_SCALE, at_least_f32, interpolate
-from soar.rollout import cfg_velocity, ode_step
+from soar.flow import at_least_f32, interpolate
+from soar.rollout import ode_step
+from soar.velocity import transformer_velocity, with_cfg
 
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [N, C, H, W], sigma [N]) -> v [N, C, H, W]
+StateVelocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z [N, C, H, W], sigma [N]) -> v, prompts bound
 
 
 def _tile(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ def standstill_curves(z0: torch.Tensor, z1: torch.Tensor, sigmas: torch.Tensor,
 
 
 @torch.no_grad()
-def drift_curves(velocity: Velocity, z0: torch.Tensor, z1: torch.Tensor, sigmas: torch.Tensor,
+def drift_curves(velocity: StateVelocity, z0: torch.Tensor, z1: torch.Tensor, sigmas: torch.Tensor,
                  starts: Sequence[int] | torch.Tensor, max_k: int, *, relative: bool = False) -> torch.Tensor:
     """Drift D_i(k) ``[P, max_k]`` (row p: start ``starts[p]``, column k - 1: after k steps).
 
@@ -118,39 +119,28 @@ def drift_curves(velocity: Velocity, z0: torch.Tensor, z1: torch.Tensor, sigmas:
 
 
 def cfg_velocity_fn(transformer, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor,
-                    neg_pooled: torch.Tensor, guidance_scale: float) -> Velocity:
+                    neg_pooled: torch.Tensor, guidance_scale: float) -> StateVelocity:
     """The CFG velocity of a diffusers ``SD3Transformer2DModel`` for ``drift_curves`` (as evaluation samples).
 
     ``embeds [B, L, D]`` / ``pooled [B, P]``: the held-out images' prompts, in the order of z0;
     ``neg_embeds [1 or B, L, D]`` / ``neg_pooled [1 or B, P]``: the negative prompt (c∅, "" in
     evaluation). The returned ``velocity(z [n B, C, H, W], sigma [n B])`` repeats the conditioning
-    for the n starts (row r gets prompt r % B) and runs cond and uncond rows in ONE forward of 2nB
-    rows in the weights' dtype, timestep = sigma * TIMESTEP_SCALE, then
-    v = v(c∅) + s (v(c) - v(c∅)) in float32 (float64 with float64 weights), as ``soar.euler.denoise``.
+    for the n starts (row r gets prompt r % B) and runs ``soar.velocity.with_cfg`` of
+    ``transformer_velocity``: cond and uncond rows in ONE forward of 2nB rows in the weights' dtype,
+    then v = v(c∅) + s (v(c) - v(c∅)) in float32 (float64 with float64 weights), as the Euler sampler.
     """
     param = next(transformer.parameters())
     device, dtype, batch = param.device, param.dtype, embeds.shape[0]
     embeds, pooled = embeds.to(device, dtype), pooled.to(device, dtype)
     neg_embeds = neg_embeds.to(device, dtype).expand(batch, -1, -1)
     neg_pooled = neg_pooled.to(device, dtype).expand(batch, -1)
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # conditioning for the last n
-
-    def conditioning(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if n not in cache:
-            cache.clear()
-            cache[n] = (torch.cat([_tile(embeds, n), _tile(neg_embeds, n)]),
-                        torch.cat([_tile(pooled, n), _tile(neg_pooled, n)]))
-        return cache[n]
+    guided = with_cfg(transformer_velocity(transformer, cast_inputs=True), guidance_scale, neg_embeds, neg_pooled)
 
     @torch.no_grad()
     def velocity(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if z.shape[0] % batch:
             raise ValueError(f"{z.shape[0]} rows are not a whole number of copies of the {batch} prompts")
-        enc, pool = conditioning(z.shape[0] // batch)
-        timestep = torch.cat([sigma, sigma]).to(device) * TIMESTEP_SCALE
-        out = transformer(hidden_states=torch.cat([z, z]).to(device, dtype), timestep=timestep,
-                          encoder_hidden_states=enc, pooled_projections=pool, return_dict=False)[0]
-        v_cond, v_uncond = at_least_f32(out).chunk(2)
-        return cfg_velocity(v_cond, v_uncond, guidance_scale)
+        n = z.shape[0] // batch
+        return guided(z, sigma, _tile(embeds, n), _tile(pooled, n))
 
     return velocity

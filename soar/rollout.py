@@ -19,11 +19,6 @@ from soar.flow import expand_like
 StochasticStep = Callable[..., torch.Tensor]
 
 
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: v_cfg = v(c∅) + s (v(c) - v(c∅))."""
-    return v_uncond + scale * (v_cond - v_uncond)
-
-
 def ode_step(z: torch.Tensor, v: torch.Tensor, sigma0: torch.Tensor, sigma1: torch.Tensor) -> torch.Tensor:
     """Euler ODE step: z'1 = z + (sigma1 - sigma0) v."""
     return z + expand_like(sigma1 - sigma0, z) * v

@@ -9,7 +9,7 @@ docs/method.md#the-training-step numbers the steps 1-6. The step is three pure p
   (chunks of ``aux_microbatch`` points when set), the normalised loss, backward, metrics.
 
 The model enters as ``velocity(z [N, C, H, W], sigma [N], embeds [N, L, D], pooled [N, P]) -> v``;
-its timestep is sigma * 1000 for every point (``soar.trainer.make_velocity``). Distributed state
+its timestep is sigma * 1000 for every point (``soar.velocity.transformer_velocity``). Distributed state
 enters only through ``reduce_counts`` (sum over processes), ``world_size`` and ``no_sync`` (a
 context that turns gradient all-reduce off). ``no_sync`` wraps the forward AND the backward of every
 chunk but the last: DDP decides at forward time whether the next backward all-reduces.
@@ -25,9 +25,8 @@ import torch
 
 from soar.flow import at_least_f32, interpolate, loss_weight, sample_t, sigma_at, weighted_mse
 from soar.objective import loss_denominator, soar_loss
-from soar.rollout import aux_points, aux_sigmas, cfg_velocity, ode_step, sigma_upper, stochastic_step
-
-Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from soar.rollout import aux_points, aux_sigmas, ode_step, sigma_upper, stochastic_step
+from soar.velocity import Velocity, with_cfg
 
 
 @dataclass(frozen=True)
@@ -137,10 +136,8 @@ def build_points(velocity: Velocity, z0: torch.Tensor, cond: TextCond, uncond: T
     main = torch.arange(b, device=dev)
     if not s.uses_aux:
         return Points(z_t0, sigma0, z1 - z0, main, torch.zeros(b, dtype=torch.bool, device=dev), cond)
-    both = velocity(torch.cat([z_t0, z_t0]), torch.cat([sigma0, sigma0]),  # step 3
-                    torch.cat([cond.embeds, uncond.embeds.expand_as(cond.embeds)]),
-                    torch.cat([cond.pooled, uncond.pooled.expand_as(cond.pooled)]))
-    v_cfg = cfg_velocity(*at_least_f32(both).chunk(2), s.cfg_scale_sampling)
+    guided = with_cfg(velocity, s.cfg_scale_sampling, uncond.embeds, uncond.pooled)
+    v_cfg = guided(z_t0, sigma0, cond.embeds, cond.pooled)  # step 3
     z_t0f = at_least_f32(z_t0)
     t1 = (t - 1.0 / s.num_sampling_steps).clamp_min(0)  # t is float64: exact boundary at 0
     sigma1 = sigma_at(t1, grid, allow_zero=True, sampling=s.sigma_sampling, shift=shift)

@@ -44,13 +44,14 @@ from soar import checkpoint
 from soar.data.dataset import BucketBatchSampler, ImageCaptionDataset, collate
 from soar.ema import EMA
 from soar.finetune import LoraSettings, make_optimizer, prepare_trainable, save_model
-from soar.flow import TIMESTEP_SCALE, sigma_grid
+from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
 from soar.snapshots import cpu_copy, sampling_weights, write_snapshot
 from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
 from soar.validation import ValidationSettings, validation_images
+from soar.velocity import transformer_velocity
 
 Logger = Callable[[dict[str, float], int], None]
 OnValidation = Callable[[np.ndarray, int], None]  # (images [N, H, W, 3] uint8, step); main process only
@@ -79,16 +80,6 @@ class LoopSettings:
     optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (soar.finetune.make_optimizer)
     lora: LoraSettings | None = None  # None = full fine-tuning; else peft LoRA adapters train
     snapshot_steps: int = 0  # save the sampled weights to out_dir/snapshots every this many steps (0 = none)
-
-
-def make_velocity(transformer) -> Callable:
-    """The model as ``velocity(z, sigma, embeds, pooled)``; timestep = sigma * 1000 for every point."""
-
-    def velocity(z, sigma, embeds, pooled):
-        return transformer(hidden_states=z, timestep=sigma * TIMESTEP_SCALE, encoder_hidden_states=embeds,
-                           pooled_projections=pooled, return_dict=False)[0]
-
-    return velocity
 
 
 @contextmanager
@@ -170,7 +161,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
                              num_training_steps=loop.max_train_steps)
     configure_deepspeed(accelerator, loop, step)
     transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
-    velocity = make_velocity(transformer)
+    velocity = transformer_velocity(transformer)
     weights = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
     ema = EMA(weights, loop.ema_decay) if loop.ema_decay is not None else None
     if ema is not None:

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from soar.euler import image_seed, sample
+from soar.euler import image_seed, sample_embeds, sampling_sigmas
 
 
 @dataclass(frozen=True)
@@ -41,26 +40,13 @@ class ValidationSettings:
         return [image_seed(self.seed, i, 0) for i in range(len(self.prompts))]
 
 
-class _TableBundle:
-    """The bundle as ``soar.euler.sample`` sees it, with prompts looked up in a text table."""
-
-    def __init__(self, bundle, transformer, table) -> None:
-        self.transformer, self.scheduler, self.codec, self._table = transformer, bundle.scheduler, bundle.codec, table
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._table.lookup(prompts, self.device)
-
-
 def validation_images(bundle, transformer, table, settings: ValidationSettings) -> np.ndarray:
     """uint8 RGB ``[N, H, W, 3]`` for ``settings.prompts`` with ``transformer`` (left in train mode after)."""
     was_training = transformer.training
     try:
-        return sample(_TableBundle(bundle, transformer, table), list(settings.prompts), settings.seeds(),
-                      steps=settings.steps, guidance_scale=settings.guidance_scale, resolution=settings.resolution)
+        embeds, pooled = table.lookup([*settings.prompts, ""], next(transformer.parameters()).device)
+        return sample_embeds(transformer, bundle.codec, sampling_sigmas(bundle, settings.steps), embeds, pooled,
+                             settings.seeds(), guidance_scale=settings.guidance_scale, resolution=settings.resolution)
     finally:
         transformer.train(was_training)
 

@@ -11,8 +11,9 @@ from helpers import step_settings
 
 from soar.flow import interpolate, loss_weight, sample_t, sigma_from_t, sigma_grid, weighted_mse
 from soar.objective import loss_denominator, soar_loss
-from soar.rollout import aux_points, aux_sigmas, cfg_velocity, ode_step, sigma_upper
+from soar.rollout import aux_points, aux_sigmas, ode_step, sigma_upper
 from soar.step import TextCond, training_step
+from soar.velocity import cfg_combine
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # closed forms in float64
 
@@ -80,7 +81,7 @@ def test_perfect_model_rollout_stays_on_path_and_aux_targets_equal_true_velocity
     v = z1 - z0
     z_t0 = interpolate(z0, z1, sigma0)
     # CFG of two equal (perfect) velocities is the same velocity for any scale
-    torch.testing.assert_close(cfg_velocity(v, v, 4.5), v)
+    torch.testing.assert_close(cfg_combine(v, v, 4.5), v)
     z_rolled = ode_step(z_t0, v, sigma0, sigma1)
     torch.testing.assert_close(z_rolled, interpolate(z0, z1, sigma1))
     sig_aux = aux_sigmas(sigma1, sigma_upper(sigma0, None), torch.rand(4, 6), sigma_floor=1e-3)
