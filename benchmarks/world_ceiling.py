@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.evaluation import scorer_names
+from pipeline.evaluation import build_scorers, scorer_names
 from pipeline.sample_sets import plan_sets
-from pipeline.evaluation import build_scorers
 from pipeline.study import score_metrics
 from soar.data.tiny_render import render_scene, render_text
 from soar.data.tiny_world import scene_for_metadata

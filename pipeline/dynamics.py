@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 from pipeline.evaluation import read_records, score_samples, set_metrics
-from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets, sampling_dtype
+from pipeline.sample_sets import (
+    SetPlan,
+    complete_sets,
+    model_digest,
+    open_bundle,
+    plan_sets,
+    sample_sets,
+    sampling_dtype,
+)
 from soar.models.bundle import SD3Bundle, load_transformer
 from soar.rewards import Scorer
 

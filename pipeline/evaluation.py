@@ -8,9 +8,9 @@ several sets reports ``{set}/{metric}`` for each, so no set's number overwrites 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from pipeline.sample_layout import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
 from soar.data.prompts import read_prompt_set
-from soar.models.bundle import SD3Bundle, load_bundle
 from soar.euler import image_seed, sample
+from soar.models.bundle import SD3Bundle, load_bundle
 
 NEGATIVE_PROMPT = ""  # the paper's negative prompt
 SetPlan = tuple[Path, list[dict]]  # a prompt set's folder and its entries (index lines)

@@ -19,8 +19,7 @@ from accelerate import PartialState
 
 from pipeline.curves import write_curve
 from pipeline.dynamics import base_point, sample_snapshots, score_snapshots
-from pipeline.evaluation import scorer_names
-from pipeline.evaluation import build_scorers
+from pipeline.evaluation import build_scorers, scorer_names
 from pipeline.tracking import stage_run
 from soar.snapshots import SNAPSHOT_DIR, list_snapshots
 from stages.common import declared, load

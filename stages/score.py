@@ -11,8 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluation import score_samples, scorer_names
-from pipeline.evaluation import build_scorers
+from pipeline.evaluation import build_scorers, score_samples, scorer_names
 from pipeline.tracking import stage_run
 from stages.common import declared, load
 

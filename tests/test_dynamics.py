@@ -26,9 +26,9 @@ from pipeline.config import parse_config, read_params
 from pipeline.curves import plot_curves, read_curve, save_curves_png
 from pipeline.evaluation import build_scorers
 from soar.data.prompts import read_prompt_set
+from soar.euler import image_seed, sample
 from soar.models.bundle import load_bundle
 from soar.rewards import Scorer, ScoreRecord, register
-from soar.euler import image_seed, sample
 from soar.snapshots import list_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]

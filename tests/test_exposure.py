@@ -11,7 +11,7 @@ from helpers import TINY_ARCH
 
 from soar.exposure import cfg_velocity_fn, drift_curves, standstill_curves
 from soar.flow import interpolate
-from soar.models.tiny import TinyArch, build_transformer
+from soar.models.tiny import TinyModelConfig, build_transformer
 
 B, SHAPE = 3, (2, 4, 4)
 float64 = pytest.mark.usefixtures("float64_default")  # closed forms in float64
@@ -149,7 +149,7 @@ def test_bad_arguments_are_named():
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny SD3 transformer (random init, 3x16x16 pixels) with 2 prompts and a negative prompt."""
-    arch = TinyArch(**TINY_ARCH)
+    arch = TinyModelConfig(**TINY_ARCH)
     transformer = build_transformer(arch, seed=0).eval()
     g = torch.Generator().manual_seed(0)
     embeds, pooled = torch.randn(2, 5, arch.joint_attention_dim, generator=g), torch.randn(2, 32, generator=g)

@@ -11,11 +11,11 @@ from diffusers import SD3Transformer2DModel
 from helpers import TINY_ARCH
 
 from soar.data.prompts import read_prompt_set
-from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch, build_clip_tokenizer, caption_words, write_tiny_model
 from soar.euler import image_seed, sample, sampling_sigmas
+from soar.models.bundle import load_bundle
+from soar.models.tiny import TinyModelConfig, build_clip_tokenizer, caption_words, write_tiny_model
 
-ARCH = TinyArch(**TINY_ARCH)
+ARCH = TinyModelConfig(**TINY_ARCH)
 CAPTIONS = ["a photo of a red circle", 'a sign that says "CAT"', "a photo of two blue squares"]
 
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from soar.rewards.base import Scorer, ScoreRecord, as_uint8_batch, register
-from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, import_extra, torch_dtype
+from soar.rewards.weights import PARAM_PREFIX, fetch_file, import_extra, locate, torch_dtype
 
 HPS_ARCH = "ViT-H-14"  # open_clip model config (hpsv2/img_score.py)
 HPS_HUB_ID = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map: v2.1 -> HPS_v2.1_compressed.pt

@@ -37,7 +37,7 @@ from torch import nn
 
 from soar.rewards.base import Scorer, ScoreRecord, register
 from soar.rewards.images import clip_pixels
-from soar.rewards.weights import PARAM_PREFIX, fetch_file, locate, import_extra, torch_dtype
+from soar.rewards.weights import PARAM_PREFIX, fetch_file, import_extra, locate, torch_dtype
 
 IMAGE_REWARD_HUB_ID = "THUDM/ImageReward"  # ImageReward/utils.py _MODELS["ImageReward-v1.0"]
 IMAGE_REWARD_FILE = "ImageReward.pt"
