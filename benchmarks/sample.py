@@ -42,8 +42,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
 from train_step import ROOT, Setup, add_run_args, count_flops, gpu_setup, run_device, tiny_setup  # noqa: E402
 
-from soar.models.tiny import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from soar.euler import denoise, image_seed, initial_noise, sample  # noqa: E402
+from soar.models.tiny import NUM_TRAIN_TIMESTEPS  # noqa: E402
 from soar.velocity import transformer_velocity, with_cfg  # noqa: E402
 
 
@@ -66,9 +66,9 @@ def shrink(setup: Setup, num_layers: int | None) -> Setup:
 def tiny_folder(out: Path) -> Path:
     """A random-init tiny model folder (params.yaml model.tiny) for ``--full`` on the CPU."""
     from pipeline.config import read_params
-    from soar.models.tiny import TinyArch, write_tiny_model
+    from soar.models.tiny import TinyModelConfig, write_tiny_model
 
-    write_tiny_model(out, TinyArch(**read_params(ROOT / "params.yaml")["model"]["tiny"]),
+    write_tiny_model(out, TinyModelConfig(**read_params(ROOT / "params.yaml")["model"]["tiny"]),
                      ["a photo of a red circle", 'a sign that says "CAT"'], seed=0)
     return out
 

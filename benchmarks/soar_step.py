@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import read_params
+from pipeline.config import parse_config, read_params
 from soar.flow import loss_weight, sigma_grid, weighted_mse
-from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyArch, build_transformer
+from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyModelConfig, build_transformer
 from soar.objective import loss_denominator
 from soar.step import StepSettings, TextCond, build_points, draw, training_step
 from soar.velocity import transformer_velocity
@@ -37,14 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(params: dict, batch_paths: int, length: int) -> StepSettings:
-    soar, train = params["soar"], params["train"]
-    return StepSettings(
-        lambda_aux=soar["lambda_aux"], num_rollout_paths=batch_paths, trajectory_length=length,
-        num_sampling_steps=soar["num_sampling_steps"], sde_rollout_type=soar["sde_rollout_type"],
-        sde_noise_scale=soar["sde_noise_scale"], cfg_scale_sampling=soar["cfg_scale_sampling"],
-        sigma_upper_ratio=soar["sigma_upper_ratio"], aux_microbatch=None, weighting_scheme=train["weighting_scheme"],
-        logit_mean=train["logit_mean"], logit_std=train["logit_std"], mode_scale=train["mode_scale"],
-        cond_dropout_rate=train["cond_dropout_rate"], sigma_sampling=soar.get("sigma_sampling", "grid"))
+    """The step of ``params`` (train and soar sections) with M = ``batch_paths`` and T = ``length``, one chunk."""
+    cfg = parse_config(params)
+    return StepSettings(cfg.train, dataclasses.replace(cfg.soar, num_rollout_paths=batch_paths,
+                                                       trajectory_length=length, aux_microbatch=None))
 
 
 def looped_step(velocity, z0, cond, uncond, grid, s: StepSettings, gen, groups: str) -> torch.Tensor:
@@ -60,12 +56,12 @@ def looped_step(velocity, z0, cond, uncond, grid, s: StepSettings, gen, groups: 
         chunks = [torch.tensor([i]) for i in range(n)]
     else:  # aux rows are ordered (path, sample, k), k fastest: row b + j has k = j mod T
         aux = torch.arange(b, n)
-        chunks = [torch.arange(b)] + [aux[k::s.trajectory_length] for k in range(s.trajectory_length)]
+        chunks = [torch.arange(b)] + [aux[k::s.soar.trajectory_length] for k in range(s.soar.trajectory_length)]
     total = 0.0
     for idx in chunks:
         c = pts.cond.take(pts.owner[idx])
         pred = velocity(pts.z[idx], pts.sigma[idx], c.embeds, c.pooled)
-        point = weighted_mse(pred, pts.target[idx], loss_weight(s.weighting_scheme, pts.sigma[idx]))
+        point = weighted_mse(pred, pts.target[idx], loss_weight(s.flow.weighting_scheme, pts.sigma[idx]))
         total = total + torch.where(pts.is_aux[idx], s.lambda_aux, 1.0).mul(point).sum()
     denom = loss_denominator(torch.tensor(float(b)), torch.tensor(float(n - b)), s.lambda_aux)
     loss = total / denom
@@ -87,7 +83,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     params = read_params(ROOT / "params.yaml")
     tiny = params["model"]["tiny"]
-    arch = TinyArch(**tiny)
+    arch = TinyModelConfig(**tiny)
     transformer = build_transformer(arch, seed=0).train()
     velocity = transformer_velocity(transformer)
     grid = sigma_grid(NUM_TRAIN_TIMESTEPS, arch.shift).float()
@@ -104,7 +100,7 @@ def main() -> None:
         return training_step(velocity, z0, cond, uncond, grid, s, gen, backward=lambda loss: loss.backward())["loss"]
 
     def sft(gen):
-        return training_step(velocity, z0, cond, uncond, grid, dataclasses.replace(s, lambda_aux=0.0), gen,
+        return training_step(velocity, z0, cond, uncond, grid, StepSettings(s.flow, None), gen,
                              backward=lambda loss: loss.backward())["loss"]
 
     variants = {"batched": batched,

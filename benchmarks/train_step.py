@@ -41,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import read_params
 from soar.flow import sigma_grid
-from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyArch, build_transformer
-from soar.step import StepSettings, TextCond, training_step
+from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyModelConfig, build_transformer
+from soar.step import FlowMatchingConfig, SoarConfig, StepSettings, TextCond, training_step
 from soar.velocity import transformer_velocity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,6 @@ SD35_MEDIUM = dict(  # the public transformer/config.json of stabilityai/stable-
     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
 SD35_SHIFT = 3.0
-PAPER_STEP = dict(lambda_aux=1.0, num_rollout_paths=1, trajectory_length=6, num_sampling_steps=40,
-                  sde_rollout_type="flow_sde", sde_noise_scale=0.5, cfg_scale_sampling=4.5, sigma_upper_ratio=None,
-                  aux_microbatch=None, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
-                  mode_scale=1.29, cond_dropout_rate=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +69,7 @@ def gpu_setup(args) -> Setup:
 
 
 def tiny_setup(args) -> Setup:
-    tiny = TinyArch(**read_params(ROOT / "params.yaml")["model"]["tiny"])
+    tiny = TinyModelConfig(**read_params(ROOT / "params.yaml")["model"]["tiny"])
     model = build_transformer(tiny, seed=0)  # the exact tiny constructor, read back as kwargs
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     return Setup("tiny (params.yaml model.tiny)", config, args.latent or tiny.sample_size, config["in_channels"],
@@ -101,10 +97,10 @@ def count_flops(setup: Setup, rows: int, grad: bool) -> int:
 
 def step_flops(setup: Setup, s: StepSettings, batch: int) -> int:
     """Model FLOPs of one step: CFG rollout forward (2B rows, SOAR only) + fwd/bwd of the training points."""
-    if s.num_rollout_paths != 1 and s.uses_aux:
+    if s.soar.num_rollout_paths != 1 and s.uses_aux:
         raise ValueError("exact FLOP count needs num_rollout_paths = 1 (M > 1 drops paths of samples with t1 = 0)")
     rollout = 2 * batch if s.uses_aux else 0
-    points = batch * (1 + s.trajectory_length) if s.uses_aux else batch
+    points = batch * (1 + s.soar.trajectory_length) if s.uses_aux else batch
     return count_flops(setup, rollout, grad=False) + count_flops(setup, points, grad=True)
 
 
@@ -159,9 +155,9 @@ def main() -> None:
                     torch.randn(b, pooled, generator=g, device=device))
     uncond = TextCond(torch.randn(1, setup.text_tokens, width, generator=g, device=device),
                       torch.randn(1, pooled, generator=g, device=device))
-    soar = StepSettings(**{**PAPER_STEP, "trajectory_length": args.trajectory_length,
-                           "aux_microbatch": args.aux_microbatch})
-    variants = {"SFT": dataclasses.replace(soar, lambda_aux=0.0), "SOAR": soar}
+    flow = FlowMatchingConfig()  # the paper's objective: logit-normal times, condition dropout 0.1
+    soar = StepSettings(flow, SoarConfig(trajectory_length=args.trajectory_length, aux_microbatch=args.aux_microbatch))
+    variants = {"SFT": StepSettings(flow, None), "SOAR": soar}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def step(s: StepSettings, gen: torch.Generator) -> None:

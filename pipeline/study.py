@@ -27,17 +27,16 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluation import score_entries, scorer_names, set_metrics
+from pipeline.evaluation import build_scorers, score_entries, scorer_names, set_metrics
 from pipeline.sample_sets import NEGATIVE_PROMPT, fixed_batches, open_bundle, set_entries
-from pipeline.evaluation import build_scorers
 from pipeline.study_variants import BASE, Variant, variant_config
 from pipeline.tracking import group_run, stage_run
-from pipeline.training import run_training
+from pipeline.training import post_train
 from soar.data.dataset import ImageCaptionDataset, collate
 from soar.data.jsonl import read_clean_records
-from soar.exposure import cfg_velocity_fn, drift_curves, standstill_curves
-from soar.models.bundle import SD3Bundle, load_bundle
 from soar.euler import sample, sampling_sigmas
+from soar.exposure import cfg_velocity_fn, drift_curves, standstill_curves
+from soar.models.bundle import SD3Bundle
 
 
 def sample_set(bundle: SD3Bundle, cfg: Config, set_name: str, steps: int) -> tuple[np.ndarray, list[dict]]:
@@ -113,12 +112,7 @@ def meter(bundle: SD3Bundle, cfg: Config) -> dict[str, float]:
 def train_variant(cfg: Config, variant: Variant, out: Path, run) -> None:
     """Train ``variant`` from the base into ``out/transformer`` (logging to ``run``); SFT = no soar section."""
     v = variant_config(cfg, variant)
-    bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length,
-                         text_encoders=cfg.data.text_cache is None)
-    run_training(bundle, v.train, v.soar, Path(cfg.data.prepared_dir) / "train.jsonl", cfg.data.image_dir, out,
-                 stage="study", method=variant.method, mlflow_cfg=cfg.mlflow, params={}, run=run,
-                 dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
-                 model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache)
+    post_train(v, variant.method, out, stage="study", run=run)
 
 
 def run_variant(cfg: Config, variant: Variant, params: dict) -> dict[str, float]:

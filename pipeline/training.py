@@ -11,53 +11,18 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from pipeline.config import SoarConfig, TrainConfig
+from pipeline.config import Config
 from pipeline.tracking import StageRun, stage_run
 from soar.data.jsonl import read_clean_records
-from soar.finetune import LoraSettings
 from soar.latent_cache import LatentCache, codec_key
-from soar.models.bundle import SD3Bundle
-from soar.step import StepSettings
+from soar.models.bundle import SD3Bundle, load_bundle
+from soar.step import SoarConfig
 from soar.text_cache import free_text_encoders, load_cache
-from soar.trainer import LoopSettings, train
-from soar.validation import ValidationSettings, image_grid
+from soar.train_config import TrainConfig
+from soar.trainer import train
+from soar.validation import image_grid
 
 VALIDATION_DIR = "validation"  # MLflow artifact folder of the validation grids
-
-
-def step_settings(t: TrainConfig, soar: SoarConfig | None) -> StepSettings:
-    """The step's knobs; without a ``soar`` section the step is SFT (lambda_aux = 0, no aux points)."""
-    common = dict(weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                  mode_scale=t.mode_scale, cond_dropout_rate=t.cond_dropout_rate)
-    if soar is None:
-        return StepSettings(lambda_aux=0.0, num_rollout_paths=1, trajectory_length=0, num_sampling_steps=1,
-                            sde_rollout_type="flow_sde", sde_noise_scale=0.0, cfg_scale_sampling=1.0,
-                            sigma_upper_ratio=None, aux_microbatch=None, sigma_sampling="grid", **common)
-    return StepSettings(lambda_aux=soar.lambda_aux, num_rollout_paths=soar.num_rollout_paths,
-                        trajectory_length=soar.trajectory_length, num_sampling_steps=soar.num_sampling_steps,
-                        sde_rollout_type=soar.sde_rollout_type, sde_noise_scale=soar.sde_noise_scale,
-                        cfg_scale_sampling=soar.cfg_scale_sampling, sigma_upper_ratio=soar.sigma_upper_ratio,
-                        aux_microbatch=soar.aux_microbatch, sigma_sampling=soar.sigma_sampling, **common)
-
-
-def loop_settings(t: TrainConfig, dataloader_num_workers: int) -> LoopSettings:
-    """Optimiser/loop settings from a ``train`` or ``pretrain`` section."""
-    return LoopSettings(
-        seed=t.seed, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
-        adam_weight_decay=t.adam_weight_decay, max_grad_norm=t.max_grad_norm, train_batch_size=t.train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_train_steps=t.max_train_steps,
-        checkpointing_steps=t.checkpointing_steps, gradient_checkpointing=t.gradient_checkpointing,
-        dataloader_num_workers=dataloader_num_workers, log_every=t.log_every,
-        checkpoints_total_limit=t.checkpoints_total_limit, resume_from_checkpoint=t.resume_from_checkpoint,
-        ema_decay=t.ema_decay, optimizer=t.optimizer, snapshot_steps=t.snapshot_steps,
-        lora=None if t.lora_rank is None else LoraSettings(t.lora_rank, t.lora_alpha, tuple(t.lora_target_modules)))
-
-
-def validation_settings(t: TrainConfig) -> ValidationSettings:
-    """The ``validation_*`` keys of a ``train`` or ``pretrain`` section."""
-    return ValidationSettings(every=t.validation_steps, prompts=tuple(t.validation_prompts),
-                              steps=t.validation_num_inference_steps, guidance_scale=t.validation_guidance_scale,
-                              resolution=t.validation_resolution, seed=t.validation_seed)
 
 
 def validation_logger(run, stage: str, method: str):
@@ -109,9 +74,26 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                 shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                 print(f"{stage}:{method} step {step}/{t.max_train_steps} {shown}", flush=True)
 
-        final = train(bundle, records, image_dir, loop_settings(t, dataloader_num_workers), step_settings(t, soar),
-                      out_dir, accelerator, log, text=text, validation=validation_settings(t),
-                      on_validation=validation_logger(run, stage, method), latents=latents)
+        final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
+                      on_validation=validation_logger(run, stage, method), latents=latents,
+                      dataloader_num_workers=dataloader_num_workers)
         run.log_metrics({f"final/{k}": v for k, v in final.items()})
     accelerator.end_training()
     return final
+
+
+def post_train(cfg: Config, method: str, out_dir: str | Path, *, stage: str = "train", params: dict | None = None,
+               run: StageRun | None = None) -> dict[str, float]:
+    """SFT (``method="sft"``) or SOAR (``"soar"``) of the base model on the prepared data: stage ``train@*`` and
+    the study's runs. Reads the ``data``, ``model``, ``train``, ``soar`` (SOAR only) and ``mlflow`` sections."""
+    if method not in ("sft", "soar"):
+        raise ValueError(f"unknown method {method!r}; expected sft or soar")
+    if method == "soar" and cfg.soar is None:
+        raise ValueError("method soar needs the soar section (declare it in the stage's params)")
+    bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length,
+                         text_encoders=cfg.data.text_cache is None)  # with a cache they are never needed
+    return run_training(bundle, cfg.train, cfg.soar if method == "soar" else None,
+                        Path(cfg.data.prepared_dir) / "train.jsonl", cfg.data.image_dir, out_dir, stage=stage,
+                        method=method, mlflow_cfg=cfg.mlflow, params=params or {},
+                        dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
+                        model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache, run=run)

@@ -10,10 +10,16 @@ Timestep densities and loss weights follow diffusers' SD3 training helpers
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 TIMESTEP_SCALE = 1000.0  # SD3: timestep = sigma * 1000 (num_train_timesteps)
+# Timestep densities (``sample_t``) and loss weights (``loss_weight``), one name picking both as in SD3 training.
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
+WeightingScheme = Literal[WEIGHTING_SCHEMES]
+SIGMA_SAMPLINGS = ("grid", "continuous")  # how ``sigma_at`` maps times to sigmas
+SigmaSampling = Literal[SIGMA_SAMPLINGS]
 
 
 def expand_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

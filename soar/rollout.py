@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -64,6 +65,9 @@ def cps_step(z, v, sigma0, sigma1, eps, eta, **_):
 STOCHASTIC_STEPS: dict[str, StochasticStep] = {
     "simple": simple_step, "sde": sde_step, "flow_sde": flow_sde_step, "cps": cps_step,
 }
+
+
+RolloutType = Literal[tuple(STOCHASTIC_STEPS)]  # the names ``soar.sde_rollout_type`` accepts
 
 
 def stochastic_step(kind: str) -> StochasticStep:

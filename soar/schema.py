@@ -1,9 +1,15 @@
-"""Strict conversion of plain YAML data into frozen dataclasses.
+"""Strict conversion of plain YAML data into the frozen settings dataclasses.
 
-``build(cls, data, where)`` checks every key against the dataclass fields (unknown keys and
-missing keys are errors), checks every value against the field's type annotation
+A settings dataclass is declared beside the code that takes it (``soar.step.SoarConfig``,
+``soar.train_config.TrainConfig``, ...); every field has a default (the embedded tiny profile) and a
+one-line comment with meaning and units, and range checks live in its ``__post_init__`` as
+``check(ok, key, message)``, so a value is checked however the object is made.
+
+``build(cls, data, where)`` checks every key against the dataclass fields (unknown keys are
+errors, absent keys keep their default), checks every value against the field's type annotation
 (``int``, ``float``, ``str``, ``bool``, ``X | None``, ``Literal[...]``, ``list[X]``,
-``dict[str, X]`` and nested dataclasses), and names the offending key as a dotted path.
+``dict[str, X]`` and nested dataclasses), and names the offending key as a dotted path, also for
+the ``__post_init__`` checks. Lists become tuples and mappings read-only mappings (frozen all the way).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, base: Any = None) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
+        return build(tp, value, where, base if isinstance(base, tp) else None)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None:
@@ -36,7 +42,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _convert(option, value, where)
+                return _convert(option, value, where, base)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
@@ -72,8 +78,22 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported annotation {tp!r}")
 
 
-def build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from mapping ``data``; ``where`` is the dotted path for errors."""
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def build(cls: type, data: Any, where: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``; ``where`` is the dotted path for errors.
+
+    An absent key keeps its value in ``base`` (an instance of ``cls``), else the field's default; a nested
+    section given in part is completed the same way from its own base (e.g. ``pretrain`` from the
+    pretraining defaults, not the ``train`` ones). A mapping-typed field given in ``data`` replaces the
+    default mapping as a whole.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     hints = get_type_hints(cls)
@@ -84,22 +104,23 @@ def build(cls: type, data: Any, where: str) -> Any:
     values = {}
     for name, field in fields.items():
         key = f"{where}.{name}"
+        default = getattr(base, name) if base is not None else _default(field)
         if name not in data:
-            if field.default is not dataclasses.MISSING:
-                continue
-            raise ConfigError(f"{key}: missing key")
-        values[name] = _convert(hints[name], data[name], key)
-    obj = cls(**values)
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check(where)
-    return obj
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing key")
+            values[name] = default
+            continue
+        values[name] = _convert(hints[name], data[name], key, default)
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a __post_init__ check: it names the key, we add where the section is
+        raise ConfigError(f"{where}.{err}") from None
 
 
-def require(ok: bool, where: str, key: str, message: str) -> None:
-    """Raise ``ConfigError`` naming ``where.key`` unless ``ok``."""
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("key: message")`` unless ``ok`` (``build`` prefixes the section's dotted path)."""
     if not ok:
-        raise ConfigError(f"{where}.{key}: {message}")
+        raise ConfigError(f"{key}: {message}")
 
 
-__all__ = ["ConfigError", "build", "require"]
+__all__ = ["ConfigError", "build", "check"]

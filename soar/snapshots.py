@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from soar.atomic import atomic_folder
-from soar.finetune import LoraSettings, save_model
+from soar.finetune import LoraConfig, save_model
 
 SNAPSHOT_DIR = "snapshots"  # under the training run's output folder
 TRANSFORMER = "transformer"  # the diffusers folder inside each snapshot
@@ -69,7 +69,7 @@ def sampling_weights(parameters: Sequence[torch.nn.Parameter], ema) -> dict[int,
     return {id(p): s for p, s in zip(parameters, ema.shadow, strict=True)}
 
 
-def write_snapshot(model: torch.nn.Module, out_dir: str | Path, step: int, lora: LoraSettings | None) -> Path:
+def write_snapshot(model: torch.nn.Module, out_dir: str | Path, step: int, lora: LoraConfig | None) -> Path:
     """Save ``model`` (a copy: LoRA is merged into it in place) as the snapshot of ``step``; returns its folder."""
     final = snapshot_folder(out_dir, step)
     with atomic_folder(final) as tmp:  # the same step of a resumed run is replaced

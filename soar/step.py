@@ -23,35 +23,84 @@ from dataclasses import dataclass, field
 
 import torch
 
-from soar.flow import at_least_f32, interpolate, loss_weight, sample_t, sigma_at, weighted_mse
+from soar.flow import (
+    SigmaSampling,
+    WeightingScheme,
+    at_least_f32,
+    interpolate,
+    loss_weight,
+    sample_t,
+    sigma_at,
+    weighted_mse,
+)
 from soar.objective import loss_denominator, soar_loss
-from soar.rollout import aux_points, aux_sigmas, ode_step, sigma_upper, stochastic_step
+from soar.rollout import RolloutType, aux_points, aux_sigmas, ode_step, sigma_upper, stochastic_step
+from soar.schema import check
 from soar.velocity import Velocity, with_cfg
 
 
 @dataclass(frozen=True)
-class StepSettings:
-    """The knobs of one step (see ``pipeline.config.TrainConfig`` / ``SoarConfig``)."""
+class FlowMatchingConfig:
+    """The ``train`` keys of the flow-matching objective (SFT, SOAR and pretraining; ``TrainConfig`` inherits them)."""
 
-    lambda_aux: float
-    num_rollout_paths: int
-    trajectory_length: int
-    num_sampling_steps: int
-    sde_rollout_type: str
-    sde_noise_scale: float
-    cfg_scale_sampling: float
-    sigma_upper_ratio: float | None
-    aux_microbatch: int | None
-    weighting_scheme: str
-    logit_mean: float
-    logit_std: float
-    mode_scale: float
-    cond_dropout_rate: float
-    sigma_sampling: str = "grid"  # "grid" (paper) or "continuous" (sigma = shift(u))
+    weighting_scheme: WeightingScheme = "logit_normal"  # timestep density and loss weight, as in SD3 training
+    logit_mean: float = 0.0  # mean of the logit-normal timestep density
+    logit_std: float = 1.0  # std of the logit-normal timestep density
+    mode_scale: float = 1.29  # scale of the "mode" timestep density (1.29 in SD3)
+    cond_dropout_rate: float = 0.1  # per-sample probability of training on the empty prompt
+
+    def __post_init__(self) -> None:
+        check(0 <= self.cond_dropout_rate < 1, "cond_dropout_rate", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SoarConfig:
+    """The ``soar`` section: the self-correction rollout and its auxiliary loss (docs/method.md)."""
+
+    lambda_aux: float = 1.0  # weight of the auxiliary (self-correction) loss; 0 = SFT
+    num_rollout_paths: int = 1  # M: one ODE path plus M - 1 stochastic paths
+    trajectory_length: int = 6  # auxiliary points per rollout path (T)
+    num_sampling_steps: int = 40  # sampler steps the rollout step size is taken from (1/N in t)
+    sde_rollout_type: RolloutType = "flow_sde"  # stochastic path formula
+    sde_noise_scale: float = 0.5  # noise scale eta of the stochastic paths
+    cfg_scale_sampling: float = 4.5  # CFG scale of the rollout velocity
+    sigma_upper_ratio: float | None = None  # null: sigma' ~ U[sigma1, 1] (paper); r: U[sigma1, min(r*sigma0, 1)]
+    aux_microbatch: int | None = None  # split main+aux forward into chunks of this many points (null = one)
+    sigma_sampling: SigmaSampling = "grid"  # main/rollout sigmas: scheduler grid (paper) or shift(u)
+
+    def __post_init__(self) -> None:
+        check(self.lambda_aux >= 0, "lambda_aux", "must be >= 0")
+        check(self.num_rollout_paths >= 1, "num_rollout_paths", "must be >= 1")
+        check(self.trajectory_length >= 0, "trajectory_length", "must be >= 0")
+        check(self.num_sampling_steps >= 1, "num_sampling_steps", "must be >= 1")
+        check(self.sde_noise_scale >= 0, "sde_noise_scale", "must be >= 0")
+        check(self.sigma_upper_ratio is None or self.sigma_upper_ratio >= 1, "sigma_upper_ratio",
+              "must be null or >= 1 (below 1, r*sigma0 can fall under sigma1 and the range would be empty)")
+        check(self.aux_microbatch is None or self.aux_microbatch >= 1, "aux_microbatch", "must be null or >= 1")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one step reads: the objective's ``train`` keys and the ``soar`` section (None = SFT)."""
+
+    flow: FlowMatchingConfig
+    soar: SoarConfig | None = None  # None: SFT, no rollout and no auxiliary points
+
+    @property
+    def lambda_aux(self) -> float:
+        return 0.0 if self.soar is None else self.soar.lambda_aux
 
     @property
     def uses_aux(self) -> bool:
-        return self.lambda_aux > 0 and self.trajectory_length > 0
+        return self.lambda_aux > 0 and self.soar.trajectory_length > 0
+
+    @property
+    def sigma_sampling(self) -> str:
+        return "grid" if self.soar is None else self.soar.sigma_sampling
+
+    @property
+    def aux_microbatch(self) -> int | None:
+        return None if self.soar is None else self.soar.aux_microbatch
 
 
 @dataclass(frozen=True)
@@ -107,10 +156,10 @@ def draw(z0: torch.Tensor, s: StepSettings, gen: torch.Generator) -> Draws:
     """Draw a step's randomness for latents ``z0 [B, C, H, W]``, in the order z1, t, drop, eps, u_aux."""
     b, dev = z0.shape[0], z0.device
     z1 = torch.randn(z0.shape, generator=gen, device=dev, dtype=z0.dtype)
-    t = sample_t(s.weighting_scheme, b, gen, logit_mean=s.logit_mean, logit_std=s.logit_std,
-                 mode_scale=s.mode_scale, device=dev)
-    drop = torch.rand(b, generator=gen, device=dev, dtype=torch.float64) < s.cond_dropout_rate
-    paths, length = (s.num_rollout_paths, s.trajectory_length) if s.uses_aux else (1, 0)
+    t = sample_t(s.flow.weighting_scheme, b, gen, logit_mean=s.flow.logit_mean, logit_std=s.flow.logit_std,
+                 mode_scale=s.flow.mode_scale, device=dev)
+    drop = torch.rand(b, generator=gen, device=dev, dtype=torch.float64) < s.flow.cond_dropout_rate
+    paths, length = (s.soar.num_rollout_paths, s.soar.trajectory_length) if s.uses_aux else (1, 0)
     eps = torch.randn((paths - 1, *z0.shape), generator=gen, device=dev, dtype=z0.dtype)
     u_aux = torch.rand(paths, b, length, generator=gen, device=dev, dtype=torch.float64)
     return Draws(z1, t, drop, eps, u_aux)
@@ -136,21 +185,21 @@ def build_points(velocity: Velocity, z0: torch.Tensor, cond: TextCond, uncond: T
     main = torch.arange(b, device=dev)
     if not s.uses_aux:
         return Points(z_t0, sigma0, z1 - z0, main, torch.zeros(b, dtype=torch.bool, device=dev), cond)
-    guided = with_cfg(velocity, s.cfg_scale_sampling, uncond.embeds, uncond.pooled)
+    guided = with_cfg(velocity, s.soar.cfg_scale_sampling, uncond.embeds, uncond.pooled)
     v_cfg = guided(z_t0, sigma0, cond.embeds, cond.pooled)  # step 3
     z_t0f = at_least_f32(z_t0)
-    t1 = (t - 1.0 / s.num_sampling_steps).clamp_min(0)  # t is float64: exact boundary at 0
+    t1 = (t - 1.0 / s.soar.num_sampling_steps).clamp_min(0)  # t is float64: exact boundary at 0
     sigma1 = sigma_at(t1, grid, allow_zero=True, sampling=s.sigma_sampling, shift=shift)
     live = torch.nonzero(t1 > 0).flatten()
-    step = stochastic_step(s.sde_rollout_type)
+    step = stochastic_step(s.soar.sde_rollout_type)
     owners, paths, uniforms = [main], [ode_step(z_t0f, v_cfg, sigma0, sigma1)], [draws.u_aux[0]]
-    for m in range(1, s.num_rollout_paths):
+    for m in range(1, s.soar.num_rollout_paths):
         paths.append(step(z_t0f[live], v_cfg[live], sigma0[live], sigma1[live], draws.eps[m - 1, live],
-                          s.sde_noise_scale, sigma_cap=float(grid[1])))
+                          s.soar.sde_noise_scale, sigma_cap=float(grid[1])))
         owners.append(live)
         uniforms.append(draws.u_aux[m, live])
     owner = torch.cat(owners)  # [R] one row per rolled-out state
-    upper = sigma_upper(sigma0, s.sigma_upper_ratio)
+    upper = sigma_upper(sigma0, s.soar.sigma_upper_ratio)
     sig_aux = aux_sigmas(sigma1[owner], upper[owner], torch.cat(uniforms).to(sigma1.dtype),  # step 4
                          sigma_floor=float(grid[-2]))
     z_aux, v_corr = aux_points(torch.cat(paths), z0[owner], z1[owner], sigma1[owner], sig_aux)
@@ -190,7 +239,7 @@ def training_step(velocity: Velocity, z0: torch.Tensor, cond: TextCond, uncond: 
         with nullcontext() if lo + chunk >= n else no_sync():
             c = pts.cond.take(pts.owner[sl])
             pred = velocity(pts.z[sl], pts.sigma[sl], c.embeds, c.pooled)
-            point = weighted_mse(pred, pts.target[sl], loss_weight(s.weighting_scheme, pts.sigma[sl]))
+            point = weighted_mse(pred, pts.target[sl], loss_weight(s.flow.weighting_scheme, pts.sigma[sl]))
             backward(soar_loss(point, pts.is_aux[sl], s.lambda_aux, normaliser.to(point.dtype)))
         point_losses.append(point.detach())
     point = torch.cat(point_losses)

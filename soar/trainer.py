@@ -5,7 +5,7 @@ files, and every process waits for it. The loop: take the captions' text embeddi
 (``soar.text_cache``: the ``embed`` stage's file, or every distinct caption encoded once in memory when
 none is given) and move the text encoders off the accelerator, then for each optimiser step draw a
 bucketed batch, encode images to latents, run one step, check the loss is finite on every process,
-clip, update, update the EMA, log, checkpoint, and every ``validation.every`` steps sample the fixed
+clip, update, update the EMA, log, checkpoint, and every ``validation_steps`` steps sample the fixed
 validation prompts on the main process (``soar.validation``) and hand the images to a callback.
 
 State and failures (checkpoint format and atomic writes: ``soar.checkpoint``):
@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,47 +42,23 @@ from torch.utils.data import DataLoader
 from soar import checkpoint
 from soar.data.dataset import BucketBatchSampler, ImageCaptionDataset, collate
 from soar.ema import EMA
-from soar.finetune import LoraSettings, make_optimizer, prepare_trainable, save_model
+from soar.finetune import LoraConfig, make_optimizer, prepare_trainable, save_model, uses_lora
 from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
 from soar.snapshots import cpu_copy, sampling_weights, write_snapshot
-from soar.step import StepSettings, TextCond, training_step
+from soar.step import SoarConfig, StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
-from soar.validation import ValidationSettings, validation_images
+from soar.train_config import TrainConfig
+from soar.validation import validation_images
 from soar.velocity import transformer_velocity
 
 Logger = Callable[[dict[str, float], int], None]
 OnValidation = Callable[[np.ndarray, int], None]  # (images [N, H, W, 3] uint8, step); main process only
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    """Optimiser and loop settings (fields as in ``pipeline.config.TrainConfig``)."""
-
-    seed: int
-    learning_rate: float
-    lr_scheduler: str
-    lr_warmup_steps: int
-    adam_weight_decay: float
-    max_grad_norm: float
-    train_batch_size: int
-    gradient_accumulation_steps: int
-    max_train_steps: int
-    checkpointing_steps: int
-    gradient_checkpointing: bool
-    dataloader_num_workers: int
-    log_every: int
-    checkpoints_total_limit: int | None = None  # keep this many newest checkpoints (None = all)
-    resume_from_checkpoint: str | None = None  # None, "latest" (under out_dir/checkpoints) or a folder
-    ema_decay: float | None = None  # EMA of the weights with this decay (None = off)
-    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (soar.finetune.make_optimizer)
-    lora: LoraSettings | None = None  # None = full fine-tuning; else peft LoRA adapters train
-    snapshot_steps: int = 0  # save the sampled weights to out_dir/snapshots every this many steps (0 = none)
-
-
 @contextmanager
-def oom_names_settings(loop: LoopSettings, step: StepSettings) -> Iterator[None]:
+def oom_names_settings(loop: TrainConfig, step: StepSettings) -> Iterator[None]:
     """Re-raise an out-of-memory error with the settings that lower memory use."""
     try:
         yield
@@ -98,7 +73,7 @@ def oom_names_settings(loop: LoopSettings, step: StepSettings) -> Iterator[None]
             f"Original error: {exc}") from exc
 
 
-def configure_deepspeed(accelerator: Accelerator, loop: LoopSettings, step: StepSettings) -> None:
+def configure_deepspeed(accelerator: Accelerator, loop: TrainConfig, step: StepSettings) -> None:
     """Fill the DeepSpeed config's "auto" values the trainer owns (we do not hand it a DataLoader)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -113,35 +88,37 @@ def configure_deepspeed(accelerator: Accelerator, loop: LoopSettings, step: Step
     ds["train_batch_size"] = loop.train_batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
 
 
-def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSettings, step: StepSettings,
+def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainConfig, soar: SoarConfig | None,
           out_dir: str | Path, accelerator: Accelerator, log: Logger, *, text: TextTable | None = None,
-          validation: ValidationSettings | None = None, on_validation: OnValidation | None = None,
-          latents: LatentCache | None = None) -> dict[str, float]:
+          on_validation: OnValidation | None = None, latents: LatentCache | None = None,
+          dataloader_num_workers: int = 0) -> dict[str, float]:
     """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format.
 
     ``text``: the captions' embeddings (e.g. ``soar.text_cache.load_cache``), holding every training
     caption, "" and the validation prompts; None encodes them here, once. ``on_validation(images, step)``
-    receives the validation images on the main process every ``validation.every`` steps. ``latents``: a
+    receives the validation images on the main process every ``loop.validation_steps`` steps. ``latents``: a
     VAE latent cache; images it lacks are encoded once here (each process a share) before step 1.
+    ``soar`` None trains SFT (or pretrains): the same step without rollout or auxiliary points.
     """
+    step = StepSettings(loop, soar)
+    validate = loop.validation_enabled and on_validation is not None
     device = accelerator.device
     if text is None:  # encode on the accelerator, then the encoders leave it
         bundle.to(device)
-        prompts = validation.prompts if validation is not None and validation.enabled else ()
+        prompts = loop.validation_prompts if validate else ()
         text = encode_table(bundle, [*(r.caption for r in records), "", *prompts], batch=CAPTION_BATCH)
     else:
         bundle.transformer.to(device)
         bundle.codec.to(device)
     bundle.offload_text_encoders()
     transformer = bundle.transformer.train()
-    trainable = prepare_trainable(transformer, loop.lora, loop.seed)  # all weights, or LoRA adapters on frozen ones
+    trainable = prepare_trainable(transformer, loop, loop.seed)  # all weights, or LoRA adapters on frozen ones
     if loop.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     text.index([r.caption for r in records])  # every caption is there (else a KeyError naming it), before step 1
     uncond = TextCond(*text.lookup([""], device))
-    validate = validation is not None and validation.enabled and on_validation is not None
     if validate:
-        text.index(validation.prompts)
+        text.index(loop.validation_prompts)
     shift = float(bundle.scheduler.config.shift)  # the scheduler's sigmas: grid and continuous shift(u)
     grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
@@ -155,7 +132,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
         dataset.latents = latents
     sampler = BucketBatchSampler([r.bucket for r in records], loop.train_batch_size, seed=loop.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.dataloader_num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=dataloader_num_workers)
     optimizer = make_optimizer(trainable, loop.optimizer, loop.learning_rate, loop.adam_weight_decay)
     schedule = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.lr_warmup_steps,
                              num_training_steps=loop.max_train_steps)
@@ -238,23 +215,23 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: LoopSet
                     last["grad_norm"] = float(grad_norm)
                 log(last, global_step)
                 tic, seen = time.perf_counter(), 0
-            if validate and validation.due(global_step) and accelerator.is_main_process:
+            if validate and loop.validation_due(global_step) and accelerator.is_main_process:
                 with accelerator.autocast():
-                    images = validation_images(bundle, accelerator.unwrap_model(transformer), text, validation)
+                    images = validation_images(bundle, accelerator.unwrap_model(transformer), text, loop)
                 on_validation(images, global_step)
             if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0:
                 save(good)
             if loop.snapshot_steps and global_step % loop.snapshot_steps == 0:
-                save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop.lora)
+                save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop)
             if global_step >= loop.max_train_steps:
                 break
         epoch, start = epoch + 1, 0
-    save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop.lora)
+    save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop)
     return last
 
 
 def save_snapshot(accelerator: Accelerator, transformer, out_dir: Path, step: int, ema: EMA | None, weights: list,
-                  lora: LoraSettings | None) -> None:
+                  lora: LoraConfig) -> None:
     """From the main process: the weights sampling would use at ``step`` (EMA when on, LoRA merged) to
     ``out_dir/snapshots`` (``soar.snapshots``), saved from a CPU copy so training is untouched. Every process
     calls it (a barrier)."""
@@ -266,14 +243,14 @@ def save_snapshot(accelerator: Accelerator, transformer, out_dir: Path, step: in
 
 
 def save_outputs(accelerator: Accelerator, transformer, out_dir: Path, ema: EMA | None, weights: list,
-                 lora: LoraSettings | None) -> None:
+                 lora: LoraConfig) -> None:
     """From the main process: ``out_dir/transformer`` (the EMA weights when on, what sampling loads; with
     LoRA merged, adapters in ``transformer_lora``) and, with an EMA, the trained weights beside it."""
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(transformer)
     if accelerator.is_main_process:
         if ema is not None:
-            if lora is None:
+            if not uses_lora(lora):
                 model.save_pretrained(out_dir / "transformer_raw")
             else:
                 model.save_lora_adapter(out_dir / "transformer_raw_lora")

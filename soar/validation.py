@@ -1,7 +1,7 @@
 """Validation images during training: fixed prompts and seeds, sampled with the current weights every N steps.
 
 The trainer calls ``validation_images`` on the main process only, at every multiple of
-``ValidationSettings.every``, and hands the images to a callback (``pipeline.training`` logs them to
+``train.validation_steps``, and hands the images to a callback (``pipeline.training`` logs them to
 MLflow as ``validation/step_XXXXXX.png``). Image i uses seed ``image_seed(seed, i, 0)`` and the
 prompts' text embeddings come from the run's text table (no text encoder is needed), so the same
 weights give the same images. Sampling draws from its own CPU generators, never from the training
@@ -11,42 +11,26 @@ generator, so turning validation on does not change the trained weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from soar.euler import image_seed, sample_embeds, sampling_sigmas
+from soar.train_config import ValidationConfig
 
 
-@dataclass(frozen=True)
-class ValidationSettings:
-    """Fields as the ``validation_*`` keys of ``pipeline.config.TrainConfig``."""
-
-    every: int  # sample every this many optimiser steps (0 = off)
-    prompts: tuple[str, ...]  # fixed prompts, one image each
-    steps: int  # Euler steps per image
-    guidance_scale: float  # CFG scale
-    resolution: int  # image side, pixels
-    seed: int  # base seed; image i uses image_seed(seed, i, 0)
-
-    @property
-    def enabled(self) -> bool:
-        return self.every > 0 and len(self.prompts) > 0
-
-    def due(self, step: int) -> bool:
-        return self.enabled and step % self.every == 0
-
-    def seeds(self) -> list[int]:
-        return [image_seed(self.seed, i, 0) for i in range(len(self.prompts))]
+def validation_seeds(cfg: ValidationConfig) -> list[int]:
+    """Image i's seed: ``image_seed(validation_seed, i, 0)``."""
+    return [image_seed(cfg.validation_seed, i, 0) for i in range(len(cfg.validation_prompts))]
 
 
-def validation_images(bundle, transformer, table, settings: ValidationSettings) -> np.ndarray:
-    """uint8 RGB ``[N, H, W, 3]`` for ``settings.prompts`` with ``transformer`` (left in train mode after)."""
+def validation_images(bundle, transformer, table, cfg: ValidationConfig) -> np.ndarray:
+    """uint8 RGB ``[N, H, W, 3]`` for ``cfg.validation_prompts`` with ``transformer`` (left in train mode after)."""
     was_training = transformer.training
     try:
-        embeds, pooled = table.lookup([*settings.prompts, ""], next(transformer.parameters()).device)
-        return sample_embeds(transformer, bundle.codec, sampling_sigmas(bundle, settings.steps), embeds, pooled,
-                             settings.seeds(), guidance_scale=settings.guidance_scale, resolution=settings.resolution)
+        embeds, pooled = table.lookup([*cfg.validation_prompts, ""], next(transformer.parameters()).device)
+        return sample_embeds(transformer, bundle.codec, sampling_sigmas(bundle, cfg.validation_num_inference_steps),
+                             embeds, pooled, validation_seeds(cfg), guidance_scale=cfg.validation_guidance_scale,
+                             resolution=cfg.validation_resolution)
     finally:
         transformer.train(was_training)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from pipeline.training import run_training
 from soar.data.jsonl import read_clean_records
 from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch, write_tiny_model
+from soar.models.tiny import write_tiny_model
 from stages.common import declared, load
 
 PARAMS = ("data", "model", "pretrain", "mlflow")
@@ -18,7 +17,7 @@ def main() -> None:
     cfg = load(PARAMS)
     out = Path(cfg.model.pretrain_dir)
     captions = [r.caption for r in read_clean_records(cfg.data.jsonl_path)]
-    write_tiny_model(out, TinyArch(**dataclasses.asdict(cfg.model.tiny)), captions, seed=cfg.pretrain.seed)
+    write_tiny_model(out, cfg.model.tiny, captions, seed=cfg.pretrain.seed)
     bundle = load_bundle(out)
     run_training(bundle, cfg.pretrain, None, cfg.data.jsonl_path, cfg.data.image_dir, out, stage="pretrain",
                  method="base", mlflow_cfg=cfg.mlflow, params=declared(cfg, PARAMS),

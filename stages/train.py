@@ -8,8 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.training import run_training
-from soar.models.bundle import load_bundle
+from pipeline.training import post_train
 from stages.common import declared, load
 
 METHOD_PARAMS = {"sft": ("data", "model", "train", "mlflow"), "soar": ("data", "model", "train", "soar", "mlflow")}
@@ -20,14 +19,7 @@ def main(method: str) -> None:
         raise SystemExit(f"unknown method {method!r}; expected one of {', '.join(METHOD_PARAMS)}")
     params = METHOD_PARAMS[method]
     cfg = load(params)
-    bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length,
-                         text_encoders=cfg.data.text_cache is None)  # with a cache they are never needed
-    out = Path(cfg.model.models_dir) / method
-    prepared = Path(cfg.data.prepared_dir) / "train.jsonl"
-    run_training(bundle, cfg.train, cfg.soar, prepared, cfg.data.image_dir, out, stage="train", method=method,
-                 mlflow_cfg=cfg.mlflow, params=declared(cfg, params),
-                 dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
-                 model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache)
+    post_train(cfg, method, Path(cfg.model.models_dir) / method, params=declared(cfg, params))
 
 
 if __name__ == "__main__":

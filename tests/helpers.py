@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from soar.step import StepSettings
+import dataclasses
 
-PAPER_STEP = dict(lambda_aux=1.0, num_rollout_paths=1, trajectory_length=6, num_sampling_steps=40,
-                  sde_rollout_type="flow_sde", sde_noise_scale=0.5, cfg_scale_sampling=4.5, sigma_upper_ratio=None,
-                  aux_microbatch=None, weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
-                  mode_scale=1.29, cond_dropout_rate=0.0)  # the paper's SOAR step settings (DESIGN.md §4)
+from soar.step import FlowMatchingConfig, SoarConfig, StepSettings
+from soar.train_config import TrainConfig
+
+FLOW_KEYS = {f.name for f in dataclasses.fields(FlowMatchingConfig)}
 
 
 def step_settings(**overrides) -> StepSettings:
-    """The paper's step settings with ``overrides``."""
-    return StepSettings(**{**PAPER_STEP, **overrides})
+    """The paper's SOAR step (the ``soar`` defaults, logit-normal times, no condition dropout) with ``overrides``
+    of keys of either section (``FlowMatchingConfig`` or ``SoarConfig``)."""
+    flow = {"cond_dropout_rate": 0.0, **{k: v for k, v in overrides.items() if k in FLOW_KEYS}}
+    soar = {k: v for k, v in overrides.items() if k not in FLOW_KEYS}
+    return StepSettings(FlowMatchingConfig(**flow), SoarConfig(**soar))
+
+
+def train_config(**overrides) -> TrainConfig:
+    """A test loop: ``TrainConfig`` without snapshots, checkpoint pruning, validation or prompt dropout, with
+    ``overrides``."""
+    return TrainConfig(**{"snapshot_steps": 0, "checkpoints_total_limit": None, "validation_steps": 0,
+                          "cond_dropout_rate": 0.0, **overrides})
 
 
 TINY_ARCH = dict(sample_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
@@ -28,10 +38,10 @@ def write_tiny_training_world(root):
     from PIL import Image
 
     from soar.data.jsonl import TrainingRecord
-    from soar.models.tiny import TinyArch, write_tiny_model
+    from soar.models.tiny import TinyModelConfig, write_tiny_model
 
     records = [TrainingRecord(md5=f"img{i}", caption=TRAIN_CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
-    write_tiny_model(root / "model", TinyArch(**TINY_ARCH), TRAIN_CAPTIONS, seed=0)
+    write_tiny_model(root / "model", TinyModelConfig(**TINY_ARCH), TRAIN_CAPTIONS, seed=0)
     rng = np.random.default_rng(0)
     (root / "images").mkdir()
     for r in records:

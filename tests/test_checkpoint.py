@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings, write_tiny_training_world
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, train_config, write_tiny_training_world
 from safetensors.torch import load_file
 
 import soar.trainer as trainer
@@ -21,26 +21,27 @@ from soar import checkpoint
 from soar.data.jsonl import TrainingRecord
 from soar.ema import EMA
 from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch
-from soar.trainer import LoopSettings, oom_names_settings, train
+from soar.models.tiny import TinyModelConfig
+from soar.step import SoarConfig, StepSettings
+from soar.trainer import oom_names_settings, train
 
 TESTS = Path(__file__).resolve().parent
-ARCH = TinyArch(**TINY_ARCH)
+ARCH = TinyModelConfig(**TINY_ARCH)
 CAPTIONS = TRAIN_CAPTIONS
 RECORDS = [TrainingRecord(md5=f"img{i}", caption=CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
 LOOP = dict(seed=3, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=2, adam_weight_decay=1e-2,
             max_grad_norm=1.0, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=6,
-            checkpointing_steps=3, gradient_checkpointing=False, dataloader_num_workers=0, log_every=1,
+            checkpointing_steps=3, gradient_checkpointing=False, log_every=1, cond_dropout_rate=0.25,
             checkpoints_total_limit=None, resume_from_checkpoint="latest", ema_decay=0.9)
 # SOAR with a stochastic second path and per-sample prompt dropout: every kind of draw of the step
-STEP = step_settings(num_rollout_paths=2, trajectory_length=2, cond_dropout_rate=0.25)
+SOAR = SoarConfig(num_rollout_paths=2, trajectory_length=2)
 
 
 def run_train(model_dir: str | Path, image_dir: str | Path, out_dir: str | Path, **overrides) -> dict:
     """Train the tiny model in this process (single-process accelerate on CPU); also used by the subprocess."""
-    loop = LoopSettings(**{**LOOP, **overrides})
+    loop = train_config(**{**LOOP, **overrides})
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=loop.gradient_accumulation_steps)
-    return train(load_bundle(model_dir), RECORDS, image_dir, loop, STEP, out_dir, accelerator, lambda m, s: None)
+    return train(load_bundle(model_dir), RECORDS, image_dir, loop, SOAR, out_dir, accelerator, lambda m, s: None)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +131,10 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(world, tmp_path, monk
 
     monkeypatch.setattr(trainer, "training_step", poisoned)
     bundle = load_bundle(model)
-    loop = LoopSettings(**{**LOOP, "gradient_accumulation_steps": 1, "checkpointing_steps": 0, "ema_decay": None,
+    loop = train_config(**{**LOOP, "gradient_accumulation_steps": 1, "checkpointing_steps": 0, "ema_decay": None,
                            "resume_from_checkpoint": None})
     with pytest.raises(FloatingPointError, match=r"at step 3; the state after step 2 is saved in .*checkpoint-2"):
-        train(bundle, RECORDS, images, loop, STEP, tmp_path, Accelerator(cpu=True), lambda m, s: None)
+        train(bundle, RECORDS, images, loop, SOAR, tmp_path, Accelerator(cpu=True), lambda m, s: None)
     folder = tmp_path / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_complete(folder) and not (tmp_path / "transformer").exists()
     saved = load(folder / "model.safetensors")
@@ -151,14 +152,14 @@ def test_out_of_memory_names_the_batch_settings(world, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(trainer, "training_step", oom)
-    loop = LoopSettings(**{**LOOP, "resume_from_checkpoint": None})
+    loop = train_config(**{**LOOP, "resume_from_checkpoint": None})
     with pytest.raises(torch.OutOfMemoryError, match=r"train.train_batch_size=2 and soar.aux_microbatch=None"):
-        train(load_bundle(world[0]), RECORDS, world[1], loop, STEP, tmp_path, Accelerator(cpu=True), print)
+        train(load_bundle(world[0]), RECORDS, world[1], loop, SOAR, tmp_path, Accelerator(cpu=True), print)
     with pytest.raises(torch.OutOfMemoryError, match="soar.aux_microbatch"):  # other backends: a RuntimeError
-        with oom_names_settings(loop, STEP):
+        with oom_names_settings(loop, StepSettings(loop, SOAR)):
             raise RuntimeError("XPU out of memory")
     with pytest.raises(RuntimeError, match="^unrelated$"):  # other errors pass through unchanged
-        with oom_names_settings(loop, STEP):
+        with oom_names_settings(loop, StepSettings(loop, SOAR)):
             raise RuntimeError("unrelated")
 
 

@@ -4,7 +4,6 @@ files a profile evaluates on lie under a path the sampling stages depend on."""
 
 from __future__ import annotations
 
-import importlib
 import textwrap
 from pathlib import Path
 
@@ -150,18 +149,10 @@ def _resolve(template: str, params: dict) -> str | None:
 
 
 def _profile(name: str) -> dict:
-    """The full params of a profile: the file itself, or (an overlay) merged onto params.yaml by pipeline.profile."""
-    from pipeline.config import ConfigError, parse_config, read_params
+    """The full params of a profile: the params.yaml that ``python -m pipeline.profile <name>`` writes."""
+    from pipeline import profile
 
-    raw = read_params(ROOT / "profiles" / f"{name}.yaml")
-    try:
-        parse_config(raw)
-        return raw
-    except ConfigError:
-        merge = getattr(importlib.import_module("pipeline.profile"), "merge", None)
-        if merge is None:
-            pytest.skip(f"profiles/{name}.yaml is not a full params file and pipeline.profile has no merge")
-        return merge(read_params(ROOT / "params.yaml"), raw)
+    return yaml.safe_load(profile.render(profile.profile_config(ROOT, name), name))
 
 
 SAMPLING_STAGES = ("dvc.yaml:sample", "dvc.yaml:dynamics", "study/dvc.yaml:base", "study/dvc.yaml:seed",

@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TRAIN_CAPTIONS
+from helpers import TRAIN_CAPTIONS, train_config
 from safetensors.torch import load_file
-from test_checkpoint import LOOP, RECORDS, STEP, assert_same, load, run_train
+from test_checkpoint import LOOP, RECORDS, SOAR, assert_same, load, run_train
 
-from soar.finetune import LORA_DIR, LoraSettings, make_optimizer, prepare_trainable
+from soar.finetune import LORA_DIR, LoraConfig, make_optimizer, prepare_trainable
 from soar.models.bundle import load_bundle, load_transformer
 from soar.text_cache import encode_table
-from soar.trainer import LoopSettings, train
+from soar.trainer import train
 
 pytest.importorskip("peft")
-LORA = LoraSettings(rank=2, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+LORA = dict(lora_rank=2, lora_alpha=4.0, lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"))
 PLAIN = dict(gradient_accumulation_steps=1, max_train_steps=3, checkpointing_steps=0, ema_decay=None,
              resume_from_checkpoint=None)
 
@@ -32,7 +32,7 @@ def world(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_lora_trains_only_adapters_and_saves_the_exact_merge(world, tmp_path):
     model_dir, image_dir = world
-    run_train(model_dir, image_dir, tmp_path, lora=LORA, **PLAIN)
+    run_train(model_dir, image_dir, tmp_path, **LORA, **PLAIN)
     base = load_transformer(model_dir / "transformer").state_dict()
     merged = load_transformer(tmp_path / "transformer").state_dict()
     adapters = load_file(tmp_path / LORA_DIR / "pytorch_lora_weights.safetensors")
@@ -46,7 +46,7 @@ def test_lora_trains_only_adapters_and_saves_the_exact_merge(world, tmp_path):
             a = adapters[f"{module}.lora_A.weight"].double()  # [r, in]
             b = adapters[f"{module}.lora_B.weight"].double()  # [out, r]
             assert b.abs().max() > 0  # trained away from the zero init
-            expected = base[name].double() + (LORA.alpha / LORA.rank) * b @ a  # W + (alpha / r) B A
+            expected = base[name].double() + (LORA["lora_alpha"] / LORA["lora_rank"]) * b @ a  # W + (alpha / r) B A
             torch.testing.assert_close(merged[name].double(), expected, rtol=0, atol=1e-6)
             merged_layers += 1
         else:  # frozen: bit-identical
@@ -56,7 +56,7 @@ def test_lora_trains_only_adapters_and_saves_the_exact_merge(world, tmp_path):
 
 def test_lora_with_ema_and_gradient_checkpointing_keeps_the_trained_adapters(world, tmp_path):
     model_dir, image_dir = world
-    run_train(model_dir, image_dir, tmp_path, lora=LORA, **{**PLAIN, "ema_decay": 0.5},
+    run_train(model_dir, image_dir, tmp_path, **LORA, **{**PLAIN, "ema_decay": 0.5},
               gradient_checkpointing=True)
     raw = load_file(tmp_path / "transformer_raw_lora" / "pytorch_lora_weights.safetensors")
     ema = load_file(tmp_path / LORA_DIR / "pytorch_lora_weights.safetensors")
@@ -69,7 +69,8 @@ def test_lora_with_ema_and_gradient_checkpointing_keeps_the_trained_adapters(wor
 def test_unknown_lora_target_is_an_error_naming_the_key(world):
     bundle = load_bundle(world[0])
     with pytest.raises(ValueError, match="train.lora_target_modules"):
-        prepare_trainable(bundle.transformer, LoraSettings(2, 2.0, ("no_such_layer",)), seed=0)
+        no_layer = LoraConfig(lora_rank=2, lora_alpha=2.0, lora_target_modules=("no_such_layer",))
+        prepare_trainable(bundle.transformer, no_layer, seed=0)
 
 
 def test_adamw_8bit_trains_and_resumes_exactly(world, tmp_path):
@@ -101,9 +102,9 @@ def test_bundle_without_text_encoders_trains_from_a_text_table(world, tmp_path):
     assert bundle.clip_encoders == [] and bundle.t5_encoder is None
     with pytest.raises(RuntimeError, match="no text encoders"):
         bundle.encode_prompts(["a photo of a red circle"])
-    loop = LoopSettings(**{**LOOP, **PLAIN, "max_train_steps": 1})
+    loop = train_config(**{**LOOP, **PLAIN, "max_train_steps": 1})
     accelerator = Accelerator(cpu=True)
-    metrics = train(bundle, RECORDS, image_dir, loop, STEP, tmp_path, accelerator, lambda m, s: None, text=table)
+    metrics = train(bundle, RECORDS, image_dir, loop, SOAR, tmp_path, accelerator, lambda m, s: None, text=table)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert (tmp_path / "transformer" / "config.json").is_file()
 
@@ -111,9 +112,9 @@ def test_bundle_without_text_encoders_trains_from_a_text_table(world, tmp_path):
 def test_lora_runs_are_reproducible_whatever_the_global_generator(world, tmp_path):
     model_dir, image_dir = world
     torch.manual_seed(123)
-    run_train(model_dir, image_dir, tmp_path / "a", lora=LORA, **PLAIN)
+    run_train(model_dir, image_dir, tmp_path / "a", **LORA, **PLAIN)
     torch.manual_seed(456)  # peft initialises adapters from the global generator: the trainer seeds it
-    run_train(model_dir, image_dir, tmp_path / "b", lora=LORA, **PLAIN)
+    run_train(model_dir, image_dir, tmp_path / "b", **LORA, **PLAIN)
     a = load_file(tmp_path / "a" / LORA_DIR / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / LORA_DIR / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from helpers import write_tiny_training_world
-from test_checkpoint import LOOP, RECORDS, STEP, load
+from helpers import train_config, write_tiny_training_world
+from test_checkpoint import LOOP, RECORDS, SOAR, load
 
 from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import load_bundle
-from soar.trainer import LoopSettings, train
+from soar.trainer import train
 
 PLAIN = dict(gradient_accumulation_steps=1, max_train_steps=3, checkpointing_steps=0, ema_decay=None,
              resume_from_checkpoint=None)
@@ -43,9 +43,9 @@ def world(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run(model_dir: Path, image_dir: Path, out: Path, latents: LatentCache | None) -> dict:
-    loop = LoopSettings(**{**LOOP, **PLAIN})
+    loop = train_config(**{**LOOP, **PLAIN})
     accelerator = Accelerator(cpu=True)
-    return train(load_bundle(model_dir), RECORDS, image_dir, loop, STEP, out, accelerator, lambda m, s: None,
+    return train(load_bundle(model_dir), RECORDS, image_dir, loop, SOAR, out, accelerator, lambda m, s: None,
                  latents=latents)
 
 

@@ -1,4 +1,4 @@
-"""Launch configs, profiles, and a 2-process (gloo, CPU) training run through `accelerate launch`."""
+"""Launch configs and a 2-process (gloo, CPU) training run through `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -15,33 +15,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import profile
 from pipeline.config import parse_config, read_params
 from soar.data.tiny_world import generate_world
-from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch, write_tiny_model
+from soar.models.tiny import TinyModelConfig, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "pipeline" / "launch"
 ARCH = dict(sample_size=16, patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8,
             joint_attention_dim=32, pooled_projection_dim=32, caption_projection_dim=16, qk_norm="rms_norm",
             text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
-FREE_FORM = {"prompt_sets", "scorers"}  # mappings whose keys are the user's names, not schema keys
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def key_paths(d: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in d.items():
-        out.add(prefix + k)
-        if isinstance(v, dict) and k not in FREE_FORM:
-            out |= key_paths(v, f"{prefix}{k}.")
-    return out
 
 
 # --- 2-process CPU run ------------------------------------------------------------------------------
@@ -55,7 +43,7 @@ def two_process_run(tmp_path_factory):
     (work / "prepared").mkdir()
     shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
     captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
-    write_tiny_model(work / "base", TinyArch(**ARCH), captions, seed=0)
+    write_tiny_model(work / "base", TinyModelConfig(**ARCH), captions, seed=0)
     params = read_params(ROOT / "params.yaml")
     params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared",
                           text_cache="cache/text.pt")
@@ -163,53 +151,3 @@ def test_slurm_script_wraps_accelerate_launch():
     for piece in ("srun", "accelerate launch", "multi_node.yaml", "--machine_rank", "$SLURM_NODEID",
                   "--main_process_ip", "--num_machines", "$SLURM_NNODES"):
         assert piece in text, piece
-
-
-# --- profiles ------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["tiny", "paper"])
-def test_profile_parses_and_has_the_params_keys(name):
-    raw = read_params(ROOT / "profiles" / f"{name}.yaml")
-    parse_config(raw, f"profiles/{name}.yaml")
-    assert key_paths(raw) == key_paths(read_params(ROOT / "params.yaml"))
-
-
-def test_paper_profile_values():
-    cfg = parse_config(read_params(ROOT / "profiles" / "paper.yaml"))
-    t, s = cfg.train, cfg.soar
-    assert (t.train_batch_size, cfg.launch.num_processes, t.learning_rate, t.lr_scheduler) == (4, 8, 2e-5, "constant")
-    assert (t.max_train_steps, t.checkpointing_steps, t.mixed_precision, t.gradient_checkpointing) == \
-        (5000, 1000, "bf16", True)
-    assert (t.adam_weight_decay, t.max_grad_norm, t.weighting_scheme, t.seed) == (1e-2, 1.0, "logit_normal", 42)
-    assert (s.lambda_aux, s.num_rollout_paths, s.trajectory_length, s.num_sampling_steps) == (1.0, 1, 6, 40)
-    assert (s.sde_rollout_type, s.sde_noise_scale, s.cfg_scale_sampling) == ("flow_sde", 0.5, 4.5)
-    assert (cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.resolution) == (40, 4.5, 512)
-    assert cfg.data.quality_threshold == 6.8
-    assert (ROOT / cfg.launch.config_file).is_file()
-    with pytest.raises(FileNotFoundError, match=cfg.model.base_path):  # the placeholder path is named
-        load_bundle(cfg.model.base_path)
-
-
-@pytest.mark.slow
-def test_profile_cli_round_trips(tmp_path):
-    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
-    (tmp_path / "params.yaml").write_bytes((ROOT / "profiles" / "tiny.yaml").read_bytes())
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.profile", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=60)
-
-    proc = cli("paper")
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "params.yaml").read_bytes() == (ROOT / "profiles" / "paper.yaml").read_bytes()
-    assert profile.current(tmp_path) == "paper"
-    assert cli("tiny").returncode == 0
-    assert (tmp_path / "params.yaml").read_bytes() == (ROOT / "profiles" / "tiny.yaml").read_bytes()
-    # an edited params.yaml is not overwritten without --force
-    (tmp_path / "params.yaml").write_text((ROOT / "profiles" / "tiny.yaml").read_text().replace("seed: 42", "seed: 7"))
-    proc = cli("paper")
-    assert proc.returncode == 1 and "matches no profile" in proc.stderr
-    assert profile.switch(tmp_path, "paper", force=True) == tmp_path / "params.yaml"
-    assert profile.current(tmp_path) == "paper"
-    proc = cli("nope")
-    assert proc.returncode == 1 and "no profile 'nope'" in proc.stderr

@@ -157,7 +157,7 @@ def _sft_reference(model, z0, cond, grid, s, seed):
     """Plain SFT computed by hand with the same draws as training_step (z1, then t)."""
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(z0.shape, generator=gen)
-    t = sample_t(s.weighting_scheme, z0.shape[0], gen, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    t = sample_t(s.flow.weighting_scheme, z0.shape[0], gen, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
     sigma0 = sigma_from_t(t.double(), grid, allow_zero=False)
     pred = model(interpolate(z0, z1, sigma0), sigma0, cond.embeds, cond.pooled)
     return ((pred - (z1 - z0)) ** 2).flatten(1).mean(1).mean()

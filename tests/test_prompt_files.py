@@ -26,7 +26,7 @@ from typing import get_args
 
 import pytest
 
-from pipeline import prompt_files
+from pipeline import profile, prompt_files
 from pipeline.config import ConfigError, PromptFileName, parse_config, read_params
 from pipeline.prompt_files import FILES, MANIFEST, PromptFile, PromptFileError, fetch
 from soar import atomic
@@ -290,9 +290,9 @@ def test_config_unknown_file_names_the_key():
 
 
 def test_profiles_prompt_files_sections():
-    tiny = parse_config(read_params(ROOT / "profiles" / "tiny.yaml"))
+    tiny = profile.profile_config(ROOT, "tiny")
     assert tiny.prompt_files.files == () and tiny.prompt_files.source is None
-    paper = parse_config(read_params(ROOT / "profiles" / "paper.yaml"))
+    paper = profile.profile_config(ROOT, "paper")
     assert set(paper.prompt_files.files) == set(FILES)
     for set_name in ("geneval", "ocr", "drawbench"):
         rel = Path(paper.sample.prompt_sets[set_name].path).relative_to(paper.prompt_files.out_dir)

@@ -181,8 +181,12 @@ def test_single_path_has_no_stochastic_points():
 
 @pytest.mark.parametrize("ratio", [None, 1.5, 0.5])
 def test_sigma_upper_ratio_bounds_aux_sigmas(ratio):
-    """sigma' = lo + u (hi - lo), lo = sigma1, hi = min(r sigma0, 1) (1 for r = null), never below lo."""
-    s = settings(num_rollout_paths=1, trajectory_length=3, sigma_upper_ratio=ratio)
+    """sigma' = lo + u (hi - lo), lo = sigma1, hi = min(r sigma0, 1) (1 for r = null), never below lo.
+
+    r = 0.5 is rejected by the config (``SoarConfig``); the math still floors the range at sigma1."""
+    s = settings(num_rollout_paths=1, trajectory_length=3, sigma_upper_ratio=None if ratio == 0.5 else ratio)
+    if ratio == 0.5:
+        object.__setattr__(s.soar, "sigma_upper_ratio", ratio)  # past the config check, to test the math's floor
     t = [0.9, 0.5, 0.2, 0.45]
     z0, cond, uncond, d = setup(s, t, u_fill=None)
     d = dataclasses.replace(d, u_aux=torch.tensor([[0.0, 0.5, 1.0]]).expand(1, 4, 3))

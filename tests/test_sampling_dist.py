@@ -32,7 +32,7 @@ from pipeline.sample_sets import fixed_batches, shard
 from soar.atomic import TEMP_GLOB, TEMP_INFIX
 from soar.euler import image_seed, sample
 from soar.models.bundle import load_bundle
-from soar.models.tiny import TinyArch, write_tiny_model
+from soar.models.tiny import TinyModelConfig, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["circle", "square", "triangle"]
@@ -49,7 +49,7 @@ KILL_AT = 6  # the killed run dies while writing its 6th PNG: batch 0 done, batc
 def work(tmp_path_factory) -> Path:
     """A tiny model, two prompt sets and a base params file (the tiny profile's, with small sample settings)."""
     work = tmp_path_factory.mktemp("sampling")
-    write_tiny_model(work / "model", TinyArch(**TINY_ARCH), [g["prompt"] for g in GENEVAL] + OCR, seed=0)
+    write_tiny_model(work / "model", TinyModelConfig(**TINY_ARCH), [g["prompt"] for g in GENEVAL] + OCR, seed=0)
     (work / "geneval.jsonl").write_text("".join(json.dumps(g) + "\n" for g in GENEVAL))
     (work / "ocr.txt").write_text("\n".join(OCR))
     return work
@@ -186,6 +186,12 @@ def bundle(work):
 
 
 def test_batch_size_changes_no_image(bundle):
+    """Other batch shapes change an image by float rounding only; the same batches give the same bytes.
+
+    Whether other shapes give the same BYTES depends on the CPU's GEMM kernels (one AVX-512 machine gave every
+    even batch identical bytes, a newer AVX-512 machine does not), which is why the sample stage fixes each
+    batch's composition instead of relying on it.
+    """
     prompts = [g["prompt"] for g in GENEVAL]
     seeds = [image_seed(7, i, 0) for i in range(len(prompts))]
 
@@ -194,13 +200,9 @@ def test_batch_size_changes_no_image(bundle):
                                       resolution=16) for lo in range(0, len(prompts), size)])
 
     full = batched(6)
+    assert np.array_equal(batched(6), full)  # same batches, same bytes
     for size in (1, 2, 3):
         assert np.abs(batched(size).astype(int) - full.astype(int)).max() <= 1, size  # float rounding at most
-    if torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.backends.mkl.is_available():
-        # MKL's AVX-512 sgemm gives a row the same result in any GEMM of a multiple of 4 rows, i.e. with CFG
-        # any even number of prompts per forward: then the bytes are identical.
-        for size in (2, 4):  # forwards of 4, and of 8 + 4 rows
-            assert np.array_equal(batched(size), full), size
 
 
 def test_batches_are_fixed_and_shards_cover_them_once():

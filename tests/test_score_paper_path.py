@@ -26,7 +26,8 @@ ALL_SEVEN = ["aesthetic", "clipscore", "geneval", "hpsv21", "imagereward", "ocr"
 
 
 def paper_config(tmp_path: Path, **checkpoints):
-    """``profiles/paper.yaml`` with some ``score.checkpoints`` replaced, loaded through the typed config."""
+    """The paper overlay ``profiles/paper.yaml`` with some ``score.checkpoints`` replaced, loaded through the typed
+    config (as ``python -m pipeline.profile paper`` would, on top of the defaults)."""
     yaml = YAML()
     params = yaml.load((ROOT / "profiles" / "paper.yaml").read_text())
     params["score"]["checkpoints"].update({k: str(v) for k, v in checkpoints.items()})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_checkpoint import assert_same, load, run_train
 
-from soar.finetune import LORA_DIR, LoraSettings
+from soar.finetune import LORA_DIR
 from soar.snapshots import TRANSFORMER, list_snapshots, snapshot_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -58,12 +58,12 @@ def test_snapshots_hold_the_ema_weights_and_leave_training_alone(world, tmp_path
 def test_lora_snapshots_are_merged_and_leave_training_alone(world, tmp_path):
     pytest.importorskip("peft")
     model, images = world
-    lora = LoraSettings(rank=2, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+    lora = dict(lora_rank=2, lora_alpha=4.0, lora_target_modules=("to_q", "to_k", "to_v", "to_out.0"))
     snap, plain = tmp_path / "snap", tmp_path / "plain"
     torch.manual_seed(0)  # peft draws the adapters' initial values from the global generator
-    run_train(model, images, snap, **PLAIN, ema_decay=None, lora=lora, max_train_steps=2, snapshot_steps=1)
+    run_train(model, images, snap, **PLAIN, ema_decay=None, **lora, max_train_steps=2, snapshot_steps=1)
     torch.manual_seed(0)
-    run_train(model, images, plain, **PLAIN, ema_decay=None, lora=lora, max_train_steps=2)
+    run_train(model, images, plain, **PLAIN, ema_decay=None, **lora, max_train_steps=2)
 
     assert [s for s, _ in list_snapshots(snap)] == [1, 2]
     assert_same(weights(snap / "transformer"), weights(plain / "transformer"), "merged final")

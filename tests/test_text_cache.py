@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import TINY_ARCH, TRAIN_CAPTIONS, step_settings, write_tiny_training_world
-from test_dvc_deps import STAGES, project_sources
+from helpers import TINY_ARCH, TRAIN_CAPTIONS, train_config, write_tiny_training_world
 
 from soar.data.jsonl import TrainingRecord
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.models.tiny import TinyArch, build_text_encoder
+from soar.models.tiny import TinyModelConfig, build_text_encoder
+from soar.step import SoarConfig
 from soar.text_cache import build_cache, load_cache
-from soar.trainer import LoopSettings, train
+from soar.trainer import train
 
-ARCH = TinyArch(**TINY_ARCH)
+ARCH = TinyModelConfig(**TINY_ARCH)
 CAPTIONS = TRAIN_CAPTIONS
 RECORDS = [TrainingRecord(md5=f"img{i}", caption=CAPTIONS[i % 4], bw=16, bh=16) for i in range(8)]
-LOOP = LoopSettings(seed=1, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, adam_weight_decay=0.0,
+LOOP = train_config(seed=1, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, adam_weight_decay=0.0,
                     max_grad_norm=1.0, train_batch_size=2, gradient_accumulation_steps=1, max_train_steps=2,
-                    checkpointing_steps=0, gradient_checkpointing=False, dataloader_num_workers=0, log_every=1)
-STEP = step_settings(trajectory_length=2)
+                    checkpointing_steps=0, gradient_checkpointing=False, log_every=1)
+SOAR = SoarConfig(trajectory_length=2)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,14 @@ def test_build_encodes_in_batches_and_runs_reuse_the_cache(world, tmp_path, coun
     count_encodes.clear()
     for out in ("sft", "soar"):  # two runs, both from the cache: the text encoders never run
         bundle = load_bundle(world / "model")
-        train(bundle, RECORDS, world / "images", LOOP, STEP, tmp_path / out, Accelerator(cpu=True),
+        train(bundle, RECORDS, world / "images", LOOP, SOAR, tmp_path / out, Accelerator(cpu=True),
               lambda m, s: None, text=open_cache(world))
         assert all(p.device.type == "cpu" for enc in bundle.clip_encoders for p in enc.parameters())
     assert count_encodes == []
 
 
 def test_in_memory_cache_encodes_each_caption_once(world, tmp_path, count_encodes):
-    train(load_bundle(world / "model"), RECORDS, world / "images", LOOP, STEP, tmp_path / "mem",
+    train(load_bundle(world / "model"), RECORDS, world / "images", LOOP, SOAR, tmp_path / "mem",
           Accelerator(cpu=True), lambda m, s: None)
     assert len(count_encodes) == 1 and sorted(count_encodes[0]) == sorted({*CAPTIONS, ""})
 
@@ -85,7 +85,7 @@ def test_missing_caption_is_an_error_naming_it_and_the_file(world, tmp_path):
     path = tmp_path / "partial.pt"
     build_cache(load_bundle(world / "model"), world / "model", [*CAPTIONS[:3], ""], path)
     with pytest.raises(KeyError, match=r"green triangle.*partial\.pt"):
-        train(load_bundle(world / "model"), RECORDS, world / "images", LOOP, STEP, tmp_path / "out",
+        train(load_bundle(world / "model"), RECORDS, world / "images", LOOP, SOAR, tmp_path / "out",
               Accelerator(cpu=True), lambda m, s: None, text=open_cache(world, path))
 
 
@@ -109,9 +109,3 @@ def test_changed_encoder_or_length_invalidates_the_key(world, tmp_path):
 def test_missing_cache_file_says_how_to_build_it(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro embed"):
         open_cache(world, tmp_path / "nope.pt")
-
-
-def test_embed_stage_deps_cover_imported_source():
-    deps = STAGES["embed"]["deps"]
-    missing = [f for f in sorted(project_sources("embed")) if not any(f == d or f.startswith(d + "/") for d in deps)]
-    assert not missing, missing

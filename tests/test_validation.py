@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -9,25 +10,33 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from test_text_cache import LOOP, RECORDS, STEP, open_cache, world  # noqa: F401  (world: shared fixture)
+from test_text_cache import LOOP, RECORDS, SOAR, open_cache, world  # noqa: F401  (world: shared fixture)
 
 from pipeline.training import validation_logger
 from soar.models.bundle import load_bundle
 from soar.text_cache import build_cache
+from soar.train_config import ValidationConfig
 from soar.trainer import train
-from soar.validation import ValidationSettings, image_grid, validation_images
+from soar.validation import image_grid, validation_images
 
 PROMPTS = ("a photo of a red circle", "a photo of a green triangle")
-SETTINGS = ValidationSettings(every=2, prompts=PROMPTS, steps=3, guidance_scale=4.5, resolution=16, seed=7)
-LOOP4 = LOOP.__class__(**{**LOOP.__dict__, "max_train_steps": 4})
+SETTINGS = ValidationConfig(validation_steps=2, validation_prompts=PROMPTS, validation_num_inference_steps=3,
+                            validation_guidance_scale=4.5, validation_resolution=16, validation_seed=7)
+OFF = ValidationConfig(validation_steps=0)
 
 
-def run(world, out, validation=SETTINGS, main=True, loop=LOOP4):  # noqa: F811
+def with_validation(loop, validation: ValidationConfig, **overrides):
+    """``loop`` with the ``validation_*`` keys of ``validation``."""
+    return dataclasses.replace(loop, **dataclasses.asdict(validation), **overrides)
+
+
+def run(world, out, validation=SETTINGS, main=True, max_train_steps=4):  # noqa: F811
     calls = []
     bundle = load_bundle(world / "model")
+    loop = with_validation(LOOP, validation, max_train_steps=max_train_steps)
     with mock.patch.object(Accelerator, "is_main_process", new_callable=mock.PropertyMock, return_value=main):
-        train(bundle, RECORDS, world / "images", loop, STEP, out, Accelerator(cpu=True), lambda m, s: None,
-              validation=validation, on_validation=lambda images, step: calls.append((step, images)))
+        train(bundle, RECORDS, world / "images", loop, SOAR, out, Accelerator(cpu=True), lambda m, s: None,
+              on_validation=lambda images, step: calls.append((step, images)))
     return calls, bundle
 
 
@@ -44,21 +53,21 @@ def test_validation_at_every_nth_step_deterministic_and_training_unchanged(world
     first = validation_images(bundle, bundle.transformer, cached, SETTINGS)
     assert np.array_equal(first, validation_images(bundle, bundle.transformer, cached, SETTINGS))
     # validation draws nothing from the training generator: same trained weights with it off
-    _, plain = run(world, tmp_path / "b", validation=None)
+    _, plain = run(world, tmp_path / "b", validation=OFF)
     for p, q in zip(bundle.transformer.parameters(), plain.transformer.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
 def test_nothing_is_sampled_or_logged_on_other_processes(world, tmp_path):  # noqa: F811
-    every_step = ValidationSettings(every=1, prompts=PROMPTS, steps=2, guidance_scale=4.5, resolution=16, seed=7)
-    calls, _ = run(world, tmp_path / "c", validation=every_step, main=False, loop=LOOP)
+    every_step = dataclasses.replace(SETTINGS, validation_steps=1, validation_num_inference_steps=2)
+    calls, _ = run(world, tmp_path / "c", validation=every_step, main=False, max_train_steps=LOOP.max_train_steps)
     assert calls == []
 
 
 def test_validation_off_or_without_prompts():
-    assert not ValidationSettings(every=0, prompts=PROMPTS, steps=1, guidance_scale=1, resolution=8, seed=0).enabled
-    assert not ValidationSettings(every=5, prompts=(), steps=1, guidance_scale=1, resolution=8, seed=0).due(5)
-    assert SETTINGS.due(4) and not SETTINGS.due(3)
+    assert not ValidationConfig(validation_steps=0, validation_prompts=PROMPTS).validation_enabled
+    assert not ValidationConfig(validation_steps=5, validation_prompts=()).validation_due(5)
+    assert SETTINGS.validation_due(4) and not SETTINGS.validation_due(3)
 
 
 def test_logger_writes_one_grid_per_step():

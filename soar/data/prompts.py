@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+PROMPT_FORMATS = ("geneval", "text")  # GenEval metadata JSONL (a "prompt" key per line), or one prompt per line
+PromptFormat = Literal[PROMPT_FORMATS]
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ def read_prompt_set(path: str | Path, fmt: str) -> list[PromptItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt set not found: {path}")
-    if fmt not in ("geneval", "text"):
+    if fmt not in PROMPT_FORMATS:
         raise ValueError(f"{path}: unknown prompt-set format {fmt!r}")
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():

@@ -23,6 +23,7 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from soar.models.codec import PixelCodec
+from soar.schema import check
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_SUFFIX = "</w>"  # CLIP BPE end-of-word marker
@@ -32,22 +33,29 @@ NUM_TRAIN_TIMESTEPS = 1000  # SD3 scheduler training steps
 
 
 @dataclass(frozen=True)
-class TinyArch:
-    """Architecture of the tiny model; fields mirror ``pipeline.config.TinyModelConfig``."""
+class TinyModelConfig:
+    """The ``model.tiny`` section: the architecture the pretrain stage builds from scratch."""
 
-    sample_size: int
-    patch_size: int
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
-    joint_attention_dim: int
-    pooled_projection_dim: int
-    caption_projection_dim: int
-    qk_norm: str | None
-    text_hidden_size: int
-    text_layers: int
-    text_max_length: int
-    shift: float
+    sample_size: int = 32  # latent side; with the pixel codec equal to the image side, pixels
+    patch_size: int = 4  # transformer patch side, latent pixels (4: 8 x 8 tokens, 3.6x cheaper per step than 2)
+    num_layers: int = 4  # MMDiT blocks
+    num_attention_heads: int = 4  # attention heads per block
+    attention_head_dim: int = 32  # width of one head
+    joint_attention_dim: int = 64  # width of the text tokens fed to the transformer
+    pooled_projection_dim: int = 64  # width of the pooled text embedding (sum of both CLIP projections)
+    caption_projection_dim: int = 128  # transformer width (= heads x head_dim in SD3)
+    qk_norm: str | None = "rms_norm"  # "rms_norm" as in SD3.5, or null
+    text_hidden_size: int = 32  # width of each tiny CLIP text encoder
+    text_layers: int = 2  # layers of each tiny CLIP text encoder
+    text_max_length: int = 24  # tokens per prompt for the CLIP tokenizers
+    shift: float = 1.0  # scheduler shift (SD3.5: 3.0 for 128 x 128 latents; 1.0 suits 32 px pixels)
+
+    def __post_init__(self) -> None:
+        check(self.sample_size % self.patch_size == 0, "sample_size", "must divide by patch_size")
+        check(self.caption_projection_dim == self.num_attention_heads * self.attention_head_dim,
+              "caption_projection_dim", "must equal num_attention_heads * attention_head_dim")
+        check(self.pooled_projection_dim == 2 * self.text_hidden_size, "pooled_projection_dim",
+              "must be 2 * text_hidden_size (two CLIP encoders)")
 
 
 def caption_words(captions: Iterable[str]) -> list[str]:
@@ -79,7 +87,7 @@ def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyArch, seed: int) -> CLIPTextModelWithProjection:
+def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyModelConfig, seed: int) -> CLIPTextModelWithProjection:
     """A randomly initialised CLIP text encoder with projection (frozen during post-training)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -97,7 +105,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyArch, seed: int) -> C
     return CLIPTextModelWithProjection(config).eval()
 
 
-def build_transformer(arch: TinyArch, seed: int) -> SD3Transformer2DModel:
+def build_transformer(arch: TinyModelConfig, seed: int) -> SD3Transformer2DModel:
     """A randomly initialised SD3 MMDiT on 3-channel pixel latents."""
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
@@ -117,7 +125,7 @@ def build_transformer(arch: TinyArch, seed: int) -> SD3Transformer2DModel:
     )
 
 
-def write_tiny_model(out_dir: Path, arch: TinyArch, captions: Iterable[str], seed: int) -> None:
+def write_tiny_model(out_dir: Path, arch: TinyModelConfig, captions: Iterable[str], seed: int) -> None:
     """Write a complete tiny model folder (random weights) that ``load_bundle`` opens."""
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(caption_words(captions), arch.text_max_length)
