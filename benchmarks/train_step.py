@@ -40,9 +40,10 @@ from diffusers import SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import read_params
-from soar.flow import sigma_grid
+from soar.flow import FlowMatchingConfig, sigma_grid
 from soar.models.tiny import NUM_TRAIN_TIMESTEPS, TinyModelConfig, build_transformer
-from soar.step import FlowMatchingConfig, SoarConfig, StepSettings, TextCond, training_step
+from soar.rollout import SoarConfig
+from soar.step import StepSettings, TextCond, training_step
 from soar.velocity import transformer_velocity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 Each section is one frozen dataclass whose fields carry the default (the embedded tiny profile)
 and a one-line comment with meaning and units; range checks sit in its ``__post_init__``. A
 section that a library function takes as an argument is declared beside that function in
-``soar/`` (``soar.train_config.TrainConfig`` for ``train`` and ``pretrain``, ``soar.step.SoarConfig``
+``soar/`` (``soar.train_config.TrainConfig`` for ``train`` and ``pretrain``, ``soar.rollout.SoarConfig``
 for ``soar``, ``soar.models.tiny.TinyModelConfig`` for ``model.tiny``); the pipeline's own
 sections are declared below, because every stage imports this module and a section declared in a
 stage's module would make every stage depend (in DVC) on every other stage's code.
@@ -29,8 +29,8 @@ from ruamel.yaml import YAML
 
 from soar.data.prompts import PromptFormat
 from soar.models.tiny import TinyModelConfig
+from soar.rollout import SoarConfig
 from soar.schema import ConfigError, build, check
-from soar.step import SoarConfig
 from soar.train_config import TrainConfig
 
 # The names of pipeline/prompt_files.py's FILES table (tests/test_prompt_files.py keeps the two equal); listed,

@@ -16,7 +16,7 @@ from pipeline.tracking import StageRun, stage_run
 from soar.data.jsonl import read_clean_records
 from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import SD3Bundle, load_bundle
-from soar.step import SoarConfig
+from soar.rollout import SoarConfig
 from soar.text_cache import free_text_encoders, load_cache
 from soar.train_config import TrainConfig
 from soar.trainer import train

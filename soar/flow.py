@@ -10,9 +10,12 @@ Timestep densities and loss weights follow diffusers' SD3 training helpers
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from soar.schema import check
 
 TIMESTEP_SCALE = 1000.0  # SD3: timestep = sigma * 1000 (num_train_timesteps)
 # Timestep densities (``sample_t``) and loss weights (``loss_weight``), one name picking both as in SD3 training.
@@ -110,3 +113,17 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     """Per-point loss ``[P]``: mean over all non-batch dims of w * (pred - target)², in float32+."""
     diff = (at_least_f32(pred) - at_least_f32(target)) ** 2
     return weight.to(diff.dtype) * diff.flatten(1).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """The ``train`` keys of the flow-matching objective (SFT, SOAR and pretraining; ``TrainConfig`` inherits them)."""
+
+    weighting_scheme: WeightingScheme = "logit_normal"  # timestep density and loss weight, as in SD3 training
+    logit_mean: float = 0.0  # mean of the logit-normal timestep density
+    logit_std: float = 1.0  # std of the logit-normal timestep density
+    mode_scale: float = 1.29  # scale of the "mode" timestep density (1.29 in SD3)
+    cond_dropout_rate: float = 0.1  # per-sample probability of training on the empty prompt
+
+    def __post_init__(self) -> None:
+        check(0 <= self.cond_dropout_rate < 1, "cond_dropout_rate", "must be in [0, 1)")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from soar.flow import expand_like
+from soar.flow import SigmaSampling, expand_like
+from soar.schema import check
 
 StochasticStep = Callable[..., torch.Tensor]
 
@@ -110,3 +112,29 @@ def aux_points(z_rolled: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor, sigma
     z_aux = (1 - alpha) * z_rolled[:, None] + alpha * z1[:, None]
     v_corr = (z_aux - z0[:, None]) / sigma_aux.reshape(shape)
     return z_aux, v_corr
+
+
+@dataclass(frozen=True)
+class SoarConfig:
+    """The ``soar`` section: the self-correction rollout and its auxiliary loss (docs/method.md)."""
+
+    lambda_aux: float = 1.0  # weight of the auxiliary (self-correction) loss; 0 = SFT
+    num_rollout_paths: int = 1  # M: one ODE path plus M - 1 stochastic paths
+    trajectory_length: int = 6  # auxiliary points per rollout path (T)
+    num_sampling_steps: int = 40  # sampler steps the rollout step size is taken from (1/N in t)
+    sde_rollout_type: RolloutType = "flow_sde"  # stochastic path formula
+    sde_noise_scale: float = 0.5  # noise scale eta of the stochastic paths
+    cfg_scale_sampling: float = 4.5  # CFG scale of the rollout velocity
+    sigma_upper_ratio: float | None = None  # null: sigma' ~ U[sigma1, 1] (paper); r: U[sigma1, min(r*sigma0, 1)]
+    aux_microbatch: int | None = None  # split main+aux forward into chunks of this many points (null = one)
+    sigma_sampling: SigmaSampling = "grid"  # main/rollout sigmas: scheduler grid (paper) or shift(u)
+
+    def __post_init__(self) -> None:
+        check(self.lambda_aux >= 0, "lambda_aux", "must be >= 0")
+        check(self.num_rollout_paths >= 1, "num_rollout_paths", "must be >= 1")
+        check(self.trajectory_length >= 0, "trajectory_length", "must be >= 0")
+        check(self.num_sampling_steps >= 1, "num_sampling_steps", "must be >= 1")
+        check(self.sde_noise_scale >= 0, "sde_noise_scale", "must be >= 0")
+        check(self.sigma_upper_ratio is None or self.sigma_upper_ratio >= 1, "sigma_upper_ratio",
+              "must be null or >= 1 (below 1, r*sigma0 can fall under sigma1 and the range would be empty)")
+        check(self.aux_microbatch is None or self.aux_microbatch >= 1, "aux_microbatch", "must be null or >= 1")

@@ -1,6 +1,6 @@
 """Strict conversion of plain YAML data into the frozen settings dataclasses.
 
-A settings dataclass is declared beside the code that takes it (``soar.step.SoarConfig``,
+A settings dataclass is declared beside the code that takes it (``soar.rollout.SoarConfig``,
 ``soar.train_config.TrainConfig``, ...); every field has a default (the embedded tiny profile) and a
 one-line comment with meaning and units, and range checks live in its ``__post_init__`` as
 ``check(ok, key, message)``, so a value is checked however the object is made.

@@ -1,7 +1,7 @@
 """The ``train`` and ``pretrain`` sections: ``TrainConfig``, what ``soar.trainer.train`` takes.
 
 A section's keys are declared by the component that reads them: the objective's in
-``soar.step.FlowMatchingConfig``, LoRA's in ``soar.finetune.LoraConfig``, validation's below (what
+``soar.flow.FlowMatchingConfig``, LoRA's in ``soar.finetune.LoraConfig``, validation's below (what
 ``soar.validation`` reads) and the loop's own in ``TrainConfig``, which inherits the others, so
 ``params.yaml`` keeps one flat ``train`` section. They sit in this small module rather than in
 ``soar/trainer.py`` or ``soar/validation.py`` because every stage loads the configuration: declared in
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from soar.finetune import OPTIMIZERS, LoraConfig
+from soar.flow import FlowMatchingConfig
 from soar.schema import check
-from soar.step import FlowMatchingConfig
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ from soar.finetune import LoraConfig, make_optimizer, prepare_trainable, save_mo
 from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
+from soar.rollout import SoarConfig
 from soar.snapshots import cpu_copy, sampling_weights, write_snapshot
-from soar.step import SoarConfig, StepSettings, TextCond, training_step
+from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
 from soar.train_config import TrainConfig
 from soar.validation import validation_images

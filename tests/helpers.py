@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from soar.step import FlowMatchingConfig, SoarConfig, StepSettings
+from soar.flow import FlowMatchingConfig
+from soar.rollout import SoarConfig
+from soar.step import StepSettings
 from soar.train_config import TrainConfig
 
 FLOW_KEYS = {f.name for f in dataclasses.fields(FlowMatchingConfig)}

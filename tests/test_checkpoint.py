@@ -22,7 +22,8 @@ from soar.data.jsonl import TrainingRecord
 from soar.ema import EMA
 from soar.models.bundle import load_bundle
 from soar.models.tiny import TinyModelConfig
-from soar.step import SoarConfig, StepSettings
+from soar.rollout import SoarConfig
+from soar.step import StepSettings
 from soar.trainer import oom_names_settings, train
 
 TESTS = Path(__file__).resolve().parent

@@ -13,9 +13,8 @@ import yaml
 from pipeline.config import PRETRAIN, SECTIONS, ConfigError, ScoreConfig, load_config, parse_config, read_params
 from pipeline.deps import all_stages, cmd_entries
 from soar.finetune import OPTIMIZERS
-from soar.flow import WEIGHTING_SCHEMES
-from soar.rollout import STOCHASTIC_STEPS
-from soar.step import FlowMatchingConfig, SoarConfig
+from soar.flow import WEIGHTING_SCHEMES, FlowMatchingConfig
+from soar.rollout import STOCHASTIC_STEPS, SoarConfig
 from soar.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from helpers import TINY_ARCH, TRAIN_CAPTIONS, train_config, write_tiny_training
 from soar.data.jsonl import TrainingRecord
 from soar.models.bundle import SD3Bundle, load_bundle
 from soar.models.tiny import TinyModelConfig, build_text_encoder
-from soar.step import SoarConfig
+from soar.rollout import SoarConfig
 from soar.text_cache import build_cache, load_cache
 from soar.trainer import train
 
