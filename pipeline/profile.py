@@ -6,8 +6,8 @@ it changes (a nested section may be given in part; a mapping such as ``sample.pr
 replaced as a whole); ``tiny`` is the empty overlay and needs no file. Switching validates the
 overlay (an unknown key is an error naming the file and the dotted key) and writes ``params.yaml``
 in full, every key with its comment, so DVC tracks every value and ``dvc exp run -S`` can edit any
-of them. A ``params.yaml`` that is no profile's rendering holds edits of its own; it is overwritten
-only with ``--force``.
+of them. A ``params.yaml`` whose values are no profile's holds edits of its own (``dvc exp run -S``,
+say); it is overwritten only with ``--force``.
 
 Paths are relative to ``--root`` (default: the current directory, the repository root).
 """
@@ -149,14 +149,21 @@ def render(cfg: Config, name: str) -> str:
 # --- switching ------------------------------------------------------------------------------------------
 
 def current(root: Path) -> str | None:
-    """The profile ``params.yaml`` is the rendering of, or None."""
+    """The profile whose values ``params.yaml`` holds (its comments and layout aside), or None.
+
+    Values, not bytes: a ``params.yaml`` written before a new key was added still counts as its profile
+    (the new key takes its default), so switching loses no value.
+    """
     params = Path(root) / PARAMS_FILE
     if not params.is_file():
         return None
-    text = params.read_text()
+    try:
+        values = parse_config(read_params(params), str(params))
+    except (OSError, ValueError):
+        return None
     for name in available(root):
         try:
-            if render(profile_config(root, name), name) == text:
+            if profile_config(root, name) == values:
                 return name
         except (OSError, ValueError):
             continue
@@ -174,7 +181,7 @@ def switch(root: Path, name: str, *, force: bool = False) -> Path:
     params = Path(root) / PARAMS_FILE
     if params.is_file() and not force and current(root) is None:
         raise RuntimeError(
-            f"{params} is no profile's rendering (edited, or changed by `dvc exp run -S`); save the edits into a "
+            f"{params} holds values of no profile (edited, or changed by `dvc exp run -S`); save the edits into a "
             f"profile overlay ({PROFILES_DIR}/<name>.yaml) or rerun with --force to overwrite them")
     params.write_text(text)
     return params
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.profile", description=__doc__.splitlines()[0])
     ap.add_argument("name", nargs="?", help="profile to switch to (tiny, paper, ...); omit to show the current one")
     ap.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
-    ap.add_argument("--force", action="store_true", help="overwrite a params.yaml that is no profile's rendering")
+    ap.add_argument("--force", action="store_true", help="overwrite a params.yaml whose values are no profile's")
     ap.add_argument("--check", action="store_true", help="only validate the profile(s), change nothing")
     args = ap.parse_args(argv)
     try:
