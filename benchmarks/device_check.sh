@@ -57,7 +57,7 @@ from pathlib import Path
 import yaml
 from pipeline.config import parse_config, read_params
 from soar.data.tiny_world import generate_world
-from soar.models.tiny import TinyArch, write_tiny_model
+from soar.models.tiny import TinyModelConfig, write_tiny_model
 
 work, root = Path(sys.argv[1]), Path.cwd()
 params = read_params(root / "params.yaml")
@@ -67,7 +67,7 @@ generate_world(work / "world", num_images=64, image_size=tiny["sample_size"], de
 (work / "prepared").mkdir()
 shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
 captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
-write_tiny_model(work / "base", TinyArch(**tiny), captions, seed=0)
+write_tiny_model(work / "base", TinyModelConfig(**tiny), captions, seed=0)
 params["data"].update(jsonl_path=str(work / "world/train.jsonl"), image_dir=str(work / "world/images"),
                       prepared_dir=str(work / "prepared"))
 params["model"].update(base_path=str(work / "base"), models_dir=str(work / "models"))
