@@ -70,7 +70,7 @@ class DataConfig:
     quality_threshold: float = 5.0  # keep images whose quality score is >= this
     prepared_dir: str = "data/prepared"  # output of prepare: filtered train.jsonl and report.json
     dataloader_num_workers: int = 0  # DataLoader worker processes (0 = in the main process)
-    text_cache: str | None = "data/cache/text_embeddings.pt"  # embed stage's text-embedding file; null = per run
+    text_cache: str | None = "data/cache/text_embeddings"  # embed stage's text-embedding folder; null = per run
     text_cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the cached embeddings
     latent_cache: str | None = None  # folder of per-image VAE posterior moments filled by train@* (null = per step)
 
@@ -82,7 +82,8 @@ class ModelConfig:
     base_path: str = "data/models/base"  # diffusers folder of the base model that SFT/SOAR start from
     pretrain_dir: str = "data/models/base"  # where the pretrain stage writes the tiny base (tiny: = base_path)
     models_dir: str = "data/models"  # post-trained transformers go to {models_dir}/{method}/transformer
-    t5_max_length: int = 77  # T5 tokens per prompt when the folder has a T5 encoder (77 in the paper)
+    t5_max_length: int = 77  # training's T5 tokens per prompt when the folder has a T5 encoder (77 in the paper)
+    text_encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the text encoders run in
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # architecture pretrain builds from scratch
 
 
@@ -137,6 +138,7 @@ class SampleConfig:
     guidance_scale: float = 4.5  # CFG scale (4.5 in the paper)
     resolution: int = 32  # image side, pixels (512 in the paper)
     batch_size: int = 48  # images per forward (CFG doubles it)
+    t5_max_length: int = 256  # T5 tokens per prompt when sampling (diffusers' default, as the released evaluation)
     seed: int = 1234  # base seed; image (prompt i, image j) uses its own generator from (seed, i, j)
     grid_prompts: int = 6  # prompts per set shown side by side in the report grid
     prompt_sets: dict[str, PromptSetConfig] = field(default_factory=lambda: TINY_PROMPT_SETS)  # named prompt sets
