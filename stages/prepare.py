@@ -11,9 +11,10 @@ from pipeline.evaluation import build_scorers
 from pipeline.tracking import stage_run
 from soar.data.prepare import prepare_dataset
 from soar.data.quality import image_quality
+from soar.models.geometry import pixel_multiple
 from stages.common import declared, load
 
-PARAMS = ("data", "score", "mlflow")  # score: only the aesthetic weights, device, downloads
+PARAMS = ("data", "model", "score", "mlflow")  # model: the base folder's geometry; score: the aesthetic weights
 
 
 def tiny_sharpness(images: list[np.ndarray]) -> np.ndarray:
@@ -37,7 +38,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with stage_run(cfg.mlflow, "prepare", "filter", declared(cfg, PARAMS)) as run:
         report = prepare_dataset(d.jsonl_path, d.image_dir, out / "train.jsonl",
-                                 quality_fn=QUALITY_FUNCTIONS[d.quality](cfg.score), threshold=d.quality_threshold)
+                                 quality_fn=QUALITY_FUNCTIONS[d.quality](cfg.score), threshold=d.quality_threshold,
+                                 bucket_multiple=pixel_multiple(cfg.model.base_path))
         (out / "report.json").write_text(json.dumps(report, indent=2))
         print(f"prepare: {json.dumps(report)}")
         run.log_artifact(out / "report.json")

@@ -298,3 +298,37 @@ def test_read_clean_records_refuses_malformed_lines(tmp_path):
         read_clean_records(path)
     path.write_text('{"md5": "a", "caption_en": "x", "bw": 8, "bh": 8}\n')
     assert [r.md5 for r in read_clean_records(path)] == ["a"]
+
+
+def test_prepare_stops_at_a_bucket_the_model_cannot_take(messy_folder, tmp_path):
+    jsonl, images = messy_folder
+    lines = jsonl.read_text().splitlines()
+    lines[8] = line("ok2", bw=40, bh=48)  # line 9: 40 is not a multiple of 16
+    lines.append(line("ok3", bw=48, bh=20))  # line 13: 20 neither
+    jsonl.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(ValueError, match=r"raw\.jsonl:9: bucket 40x48 .* multiple of 16 px.*\(2 line"):
+        prepare_dataset(jsonl, images, out, quality_fn=mean_brightness, threshold=0.5, bucket_multiple=16)
+    assert not out.exists()
+    report = prepare_dataset(jsonl, images, out, quality_fn=mean_brightness, threshold=0.5, bucket_multiple=4)
+    assert report["kept"] == 5  # 40, 48 and 20 are multiples of 4
+
+
+def test_pixel_multiple_reads_codec_factor_and_patch(tmp_path):
+    from soar.models.geometry import pixel_multiple
+    from soar.models.tiny import TinyModelConfig, write_tiny_model
+
+    write_tiny_model(tmp_path / "tiny", TinyModelConfig(sample_size=16, patch_size=4, num_layers=1,
+                                                        num_attention_heads=2, attention_head_dim=8,
+                                                        joint_attention_dim=16, pooled_projection_dim=16,
+                                                        caption_projection_dim=16, text_hidden_size=8,
+                                                        text_layers=1, text_max_length=8), ["a"], seed=0)
+    assert pixel_multiple(tmp_path / "tiny") == 4  # pixel codec (1) x patch 4
+    vae = tmp_path / "sd" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    (tmp_path / "sd" / "transformer").mkdir()
+    (tmp_path / "sd" / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2}))
+    assert pixel_multiple(tmp_path / "sd") == 16  # SD3.5: VAE factor 8 x patch 2
+    with pytest.raises(FileNotFoundError, match=r"sd/vae has no vae/config\.json"):
+        pixel_multiple(vae)

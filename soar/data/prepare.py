@@ -8,6 +8,11 @@ Reasons a line is dropped (each counted, with its first examples, in the report)
 - ``unreadable_image``: the file exists but does not decode;
 - ``low_quality``: ``quality_fn`` score below ``threshold`` (kept when ``score >= threshold``).
 
+A bucket side that is not a multiple of ``bucket_multiple`` (the model's codec factor x patch size,
+``soar.models.geometry.pixel_multiple``) is not dropped but stops ``prepare`` with an error naming the
+first such line and the count: the dataset was bucketed for another model, and dropping those lines would
+silently lose part of it.
+
 ``quality_fn`` scores a batch: ``quality_fn(list of uint8 [H, W, 3] RGB arrays) -> float array
 [B]`` (the tiny world passes a cheap rule, the paper profile the LAION aesthetic predictor).
 Images within one call may differ in size.
@@ -71,6 +76,16 @@ def _score_batch(quality_fn: QualityFn, images: list[np.ndarray], first_md5: str
     return scores
 
 
+def check_buckets(records: Sequence[TrainingRecord], multiple: int, jsonl_path: str | Path) -> None:
+    """Raise ``ValueError`` naming the first record whose bucket sides are not multiples of ``multiple`` pixels."""
+    bad = [r for r in records if r.bw % multiple or r.bh % multiple]
+    if bad:
+        r = bad[0]
+        raise ValueError(f"{jsonl_path}:{r.line}: bucket {r.bw}x{r.bh} (bw x bh) is not a multiple of {multiple} px, "
+                         f"the model's codec factor x patch size ({len(bad)} line(s) like it); re-bucket the "
+                         "dataset to multiples of that size")
+
+
 def prepare_dataset(
     jsonl_path: str | Path,
     image_dir: str | Path,
@@ -79,6 +94,7 @@ def prepare_dataset(
     quality_fn: QualityFn,
     threshold: float,
     batch_size: int = 64,
+    bucket_multiple: int = 1,
 ) -> dict[str, Any]:
     """Write the kept lines of ``jsonl_path`` (original order and format) to ``out_jsonl``.
 
@@ -94,6 +110,7 @@ def prepare_dataset(
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {image_dir}")
     records, problems = read_training_records(jsonl_path)
+    check_buckets(records, bucket_multiple, jsonl_path)
     report = _Report()
     for problem in problems:
         report.drop(problem.reason, problem.line, problem.md5, str(problem))
