@@ -57,13 +57,13 @@ def remove_stale_steps(root: Path, steps: list[int]) -> list[Path]:
 class SnapshotLoader:
     """The base bundle on ``device``, loaded once when first needed; each call swaps in one snapshot's transformer."""
 
-    def __init__(self, base_path: str | Path, t5_max_length: int, device: torch.device) -> None:
-        self.base_path, self.t5_max_length, self.device = base_path, t5_max_length, device
+    def __init__(self, cfg, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device  # cfg: the model and sample sections (pipeline.sample_sets.open_bundle)
         self.bundle: SD3Bundle | None = None
 
     def __call__(self, transformer: Path) -> SD3Bundle:
         if self.bundle is None:
-            self.bundle = open_bundle(self.base_path, transformer, self.t5_max_length, self.device)
+            self.bundle = open_bundle(self.cfg, transformer, self.device)
         else:
             self.bundle.transformer = None  # free the previous snapshot first
             self.bundle.transformer = load_transformer(transformer).to(self.device, sampling_dtype(self.device))
@@ -89,11 +89,11 @@ def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root
         for p in remove_stale_steps(root, list(plans)):
             log.info("dynamics %s: removed %s (no such snapshot now)", method, p)
     state.wait_for_everyone()
-    loader = SnapshotLoader(cfg.model.base_path, cfg.model.t5_max_length, state.device)
+    loader = SnapshotLoader(cfg, state.device)
     for step, transformer in snapshots:
         made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample,
                            digest=lambda t=transformer: model_digest(cfg.model.base_path, t),
-                           load=lambda t=transformer: loader(t))
+                           load=lambda t=transformer: loader(t), text_encoder_dtype=cfg.model.text_encoder_dtype)
         if state.is_main_process:
             complete_sets(plans[step])
             print(f"dynamics {method}: step {step}: {made} new images", flush=True)

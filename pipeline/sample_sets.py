@@ -10,9 +10,10 @@ Image (i, j) starts from its own noise, seeded ``image_seed(sample.seed, i, j)``
 Resuming: every PNG is written atomically, so a rerun after a kill keeps the complete ones and
 samples only the batches that miss an image (writing the missing ones). Before anything is written,
 the main process checks each set folder's ``sampling.json`` (model digest, sampler settings, prompts,
-dtype): other settings empty the folder, and leftover temporary files are removed.
+dtypes, T5 length): other settings empty the folder, and leftover temporary files are removed.
 
-On a GPU the whole bundle runs in bf16; on the CPU in fp32.
+The transformer and the codec run in bf16 on a GPU and in fp32 on the CPU; the text encoders run in
+``model.text_encoder_dtype`` and encode ``sample.t5_max_length`` T5 tokens per prompt.
 """
 
 from __future__ import annotations
@@ -86,13 +87,14 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def set_settings(model_digest: str, s, entries: list[dict], dtype: torch.dtype, device: torch.device) -> dict:
+def set_settings(model_digest: str, s, entries: list[dict], dtype: torch.dtype, device: torch.device,
+                 text_encoder_dtype: str) -> dict:
     """What the images of one set are a function of; stored as ``sampling.json`` (see module doc)."""
     prompts = hashlib.sha256("".join(f"{e['prompt_index']}\t{e['prompt']}\n" for e in entries).encode())
     return {"model": model_digest, "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
             "resolution": s.resolution, "seed": s.seed, "negative_prompt": NEGATIVE_PROMPT,
             "prompts_sha256": prompts.hexdigest(), "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type}
+            "text_encoder_dtype": text_encoder_dtype, "t5_max_length": s.t5_max_length, "device": device.type}
 
 
 def model_digest(base_path: str | Path, transformer: Path) -> str:
@@ -106,28 +108,33 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def open_bundle(base_path: str | Path, transformer: Path | None, t5_max_length: int, device: torch.device
-                ) -> SD3Bundle:
-    """The bundle of ``base_path`` (with another ``transformer`` folder when given) on ``device``, for sampling."""
-    bundle = load_bundle(base_path, transformer_path=transformer, t5_max_length=t5_max_length)
+def open_bundle(cfg, transformer: Path | None, device: torch.device) -> SD3Bundle:
+    """The bundle of ``cfg.model.base_path`` (with another ``transformer`` folder when given) on ``device``, for
+    sampling: text encoders in ``model.text_encoder_dtype`` with ``sample.t5_max_length`` T5 tokens, the
+    transformer and codec in ``sampling_dtype(device)``. ``cfg``: a config with the model and sample sections."""
+    bundle = load_bundle(cfg.model.base_path, transformer_path=transformer, t5_max_length=cfg.sample.t5_max_length,
+                         text_encoder_dtype=getattr(torch, cfg.model.text_encoder_dtype))
     bundle.to(device)
-    if sampling_dtype(device) != torch.float32:
-        bundle.to(sampling_dtype(device))
+    dtype = sampling_dtype(device)
+    if dtype != torch.float32:
+        bundle.transformer.to(dtype)
+        bundle.codec.to(dtype)
     return bundle
 
 
 def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable[[], str],
-                load: Callable[[], SD3Bundle]) -> int:
+                load: Callable[[], SD3Bundle], text_encoder_dtype: str) -> int:
     """Sample the images of ``sets`` not on disk yet, this process's share; returns the new images of all processes.
 
     Collective: every process of ``state`` (an accelerate ``PartialState``) calls it. ``digest()`` (main
     process) names the model for ``sampling.json``; ``load()`` gives the bundle, called only when this
-    process has work. ``s``: the ``sample`` section.
+    process has work. ``s``: the ``sample`` section; ``text_encoder_dtype``: ``model.text_encoder_dtype``.
     """
     if state.is_main_process:
         model = digest()
         for set_dir, entries in sets.values():
-            prepare_set_dir(set_dir, set_settings(model, s, entries, sampling_dtype(state.device), state.device))
+            prepare_set_dir(set_dir, set_settings(model, s, entries, sampling_dtype(state.device), state.device,
+                                                  text_encoder_dtype))
     state.wait_for_everyone()  # nobody writes before the folders are checked
 
     batches = [b for name, (set_dir, entries) in sets.items()

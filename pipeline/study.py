@@ -131,7 +131,7 @@ def run_variant(cfg: Config, variant: Variant, params: dict) -> dict[str, float]
         if variant.method != BASE:
             train_variant(cfg, variant, out / "model", run)
             transformer = out / "model" / "transformer"
-        bundle = open_bundle(cfg.model.base_path, transformer, cfg.model.t5_max_length, device)  # as sample@
+        bundle = open_bundle(cfg, transformer, device)  # as sample@
         steps = [cfg.sample.num_inference_steps]
         if not variant.sweep:
             steps += [n for n in cfg.study.sampling_steps if n != cfg.sample.num_inference_steps]

@@ -41,8 +41,8 @@ def main(model: str) -> None:
     with stage_run(cfg.mlflow, "sample", model, declared(cfg, PARAMS), main_process=state.is_main_process) as run:
         tic = time.perf_counter()
         made = sample_sets(state, model, sets, s, digest=lambda: model_digest(cfg.model.base_path, transformer),
-                           load=lambda: open_bundle(cfg.model.base_path, None if model == BASE else transformer,
-                                                    cfg.model.t5_max_length, state.device))
+                           load=lambda: open_bundle(cfg, None if model == BASE else transformer, state.device),
+                           text_encoder_dtype=cfg.model.text_encoder_dtype)
         seconds = time.perf_counter() - tic
         if state.is_main_process:
             finish(run, sets, log_images=cfg.mlflow.log_images)

@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 from pipeline.training import post_train
+from soar import atomic
 from stages.common import declared, load
+
+# The output folder (weights, checkpoints, snapshots: ~100 GB at SD3.5-M size) is a DVC output with `cache: false`,
+# so DVC neither copies it into its cache nor writes a .gitignore entry for it; this file keeps it out of git.
+GITIGNORE = "# weights, checkpoints and snapshots: a DVC output kept out of DVC's cache and out of git\n*\n"
 
 METHOD_PARAMS = {"sft": ("data", "model", "train", "mlflow"), "soar": ("data", "model", "train", "soar", "mlflow")}
 
@@ -19,7 +24,10 @@ def main(method: str) -> None:
         raise SystemExit(f"unknown method {method!r}; expected one of {', '.join(METHOD_PARAMS)}")
     params = METHOD_PARAMS[method]
     cfg = load(params)
-    post_train(cfg, method, Path(cfg.model.models_dir) / method, params=declared(cfg, params))
+    out = Path(cfg.model.models_dir) / method
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / ".gitignore", GITIGNORE)  # every process writes the same bytes
+    post_train(cfg, method, out, params=declared(cfg, params))
 
 
 if __name__ == "__main__":
