@@ -101,8 +101,8 @@ def work(tmp_path_factory) -> Path:
 
 def direct_metrics(model_dir: Path, transformer: Path | None, prompt_indices: dict[str, list[int]]) -> dict:
     """Sample the given prompts of each set with ``transformer`` and score them, outside the stages' code."""
-    bundle = load_bundle(model_dir, transformer_path=transformer)
     cfg = parse_config(yaml.safe_load((model_dir.parent / "params_None.yaml").read_text()))
+    bundle = load_bundle(model_dir, transformer_path=transformer, t5_max_length=cfg.sample.t5_max_length)
     scorers = build_scorers(cfg.score, ["geneval", "ocr"])
     metrics = {}
     for set_name, path, fmt in (("geneval", "geneval.jsonl", "geneval"), ("ocr", "ocr.txt", "text")):

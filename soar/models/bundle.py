@@ -4,10 +4,13 @@ The same loader opens the tiny folder written by ``soar.models.tiny.write_tiny_m
 local Stable Diffusion 3.5 Medium folder (transformer, scheduler, vae, text_encoder[_2,_3],
 tokenizer[_2,_3]). Nothing is fetched from a hub: a missing folder is an error naming it.
 
-Prompt encoding follows SD3 (diffusers ``StableDiffusion3Pipeline.encode_prompt``): both CLIP
-encoders' penultimate hidden states concatenated on channels, zero-padded to the T5 width and
-concatenated on the sequence axis with the T5 states (when a T5 encoder is present); the pooled
-embedding is the concatenation of both CLIP projections.
+Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt`` (no CLIP skip, one image per
+prompt): each CLIP tokenizer pads and truncates to the first CLIP tokenizer's ``model_max_length``
+(77 in SD3.5); both CLIP encoders' penultimate hidden states are concatenated on channels, zero-padded
+to the T5 width (the transformer's ``joint_attention_dim``) and followed on the sequence axis by ``t5_max_length``
+tokens: the T5 states (its tokenizer pads and truncates to that length) or, in a folder without T5
+(diffusers' ``text_encoder_3=None``, and the tiny profile), zeros. The pooled embedding is both CLIP
+projections concatenated.
 """
 
 from __future__ import annotations
@@ -58,44 +61,64 @@ class SD3Bundle:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (``prompt_embeds [B, L, joint_attention_dim]``, ``pooled [B, pooled_dim]``)."""
+        """Prompts -> float32 (``prompt_embeds [B, L_clip + t5_max_length, joint_attention_dim]``, ``pooled [B, P]``).
+
+        ``L_clip`` is the first CLIP tokenizer's ``model_max_length``; ``P`` the sum of both CLIP projection
+        widths. Without a T5 encoder the last ``t5_max_length`` tokens are zeros (module doc).
+        """
         if not self.clip_encoders:
             raise RuntimeError("this bundle has no text encoders (loaded with text_encoders=False or freed after "
                                "the text cache was read); prompts must come from the text-embedding cache")
         device = self.clip_encoders[0].device
+        clip_length = self.clip_tokenizers[0].model_max_length  # diffusers' tokenizer_max_length, for both CLIPs
         hidden, pooled = [], []
         for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders, strict=True):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(prompts, padding="max_length", max_length=clip_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
             out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out.text_embeds)
+            hidden.append(out.hidden_states[-2].to(device))
+            pooled.append(out.text_embeds.to(device))
         clip = torch.cat(hidden, dim=-1)
-        width = self.transformer.config.joint_attention_dim
-        clip = F.pad(clip, (0, width - clip.shape[-1]))
         if self.t5_encoder is not None:
-            ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.t5_max_length,
-                                    truncation=True, return_tensors="pt").input_ids.to(self.t5_encoder.device)
-            clip = torch.cat([clip, self.t5_encoder(ids)[0].to(clip.dtype)], dim=1)
-        return clip.float(), torch.cat(pooled, dim=-1).float()
+            ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
+                                    return_tensors="pt").input_ids.to(self.t5_encoder.device)
+            t5 = self.t5_encoder(ids)[0].to(device)
+        else:
+            t5 = torch.zeros(len(prompts), self.t5_max_length, self.transformer.config.joint_attention_dim,
+                             device=device, dtype=clip.dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip.float(), t5.float()], dim=1), torch.cat(pooled, dim=-1).float()
 
 
 def _require(folder: Path, what: str) -> Path:
     if not folder.exists():
-        raise FileNotFoundError(f"model folder {folder} has no {what} (expected {folder})")
+        raise FileNotFoundError(f"{what} folder not found: {folder} (a diffusers model folder needs it)")
     return folder
 
 
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` or its name ``"float32"`` (the config's spelling) -> the floating ``torch.dtype``."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"text_encoder_dtype {value!r} is not a floating dtype: use float32, bfloat16 or float16")
+    return dtype
+
+
 def load_transformer(path: str | Path) -> SD3Transformer2DModel:
-    """Load an ``SD3Transformer2DModel`` saved with ``save_pretrained`` at ``path``."""
+    """Load the ``SD3Transformer2DModel`` saved with ``save_pretrained`` at ``path``, in float32 whatever its
+    stored dtype (SD3.5 Medium stores float16)."""
     path = _require(Path(path), "transformer")
-    return SD3Transformer2DModel.from_pretrained(path, local_files_only=True)
+    return SD3Transformer2DModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
 
 
-def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
-                t5_max_length: int = 77, text_encoders: bool = True) -> SD3Bundle:
-    """Load the SD3 bundle in diffusers folder ``path`` (optionally another transformer).
+def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None, t5_max_length: int = 77,
+                text_encoders: bool = True, text_encoder_dtype: torch.dtype | str = torch.float32) -> SD3Bundle:
+    """Load the SD3 bundle in diffusers folder ``path`` (optionally another transformer) on the CPU.
 
+    Dtypes are set explicitly, never taken from the stored weights (SD3.5 Medium stores every weight in
+    float16): the transformer and the VAE load in float32, the CLIP and T5 text encoders in
+    ``text_encoder_dtype`` (a dtype or its name); ``encode_prompts`` returns float32 either way.
+    ``t5_max_length``: T5 tokens per prompt, zeros in a folder without T5 (module doc).
     ``text_encoders=False`` leaves the tokenizers and text encoders unloaded (training from a text cache:
     SD3.5-Medium's T5 alone is ~19 GB in float32); ``encode_prompts`` then raises.
     """
@@ -104,6 +127,7 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder not found: {root}")
+    text_dtype = _dtype(text_encoder_dtype)
     transformer = load_transformer(transformer_path or root / "transformer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_require(root / "scheduler", "scheduler"))
     if (root / "codec" / "config.json").exists():
@@ -114,19 +138,21 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
     else:
         from diffusers import AutoencoderKL
 
-        codec = VaeCodec(AutoencoderKL.from_pretrained(_require(root / "vae", "vae or codec"), local_files_only=True))
+        codec = VaeCodec(AutoencoderKL.from_pretrained(_require(root / "vae", "vae (or a codec folder)"),
+                                                       local_files_only=True, torch_dtype=torch.float32))
     encoders, tokenizers = [], []
     if not text_encoders:
         return SD3Bundle(transformer, scheduler, codec, t5_max_length=t5_max_length)
     for sub in ("", "_2"):
         tokenizers.append(CLIPTokenizer.from_pretrained(_require(root / f"tokenizer{sub}", f"tokenizer{sub}")))
         enc = CLIPTextModelWithProjection.from_pretrained(
-            _require(root / f"text_encoder{sub}", f"text_encoder{sub}"), local_files_only=True)
+            _require(root / f"text_encoder{sub}", f"text_encoder{sub}"), local_files_only=True, dtype=text_dtype)
         encoders.append(enc.eval().requires_grad_(False))
     t5, t5_tok = None, None
     if (root / "text_encoder_3").exists():
         from transformers import T5EncoderModel, T5TokenizerFast
 
-        t5 = T5EncoderModel.from_pretrained(root / "text_encoder_3", local_files_only=True).eval().requires_grad_(False)
+        t5 = T5EncoderModel.from_pretrained(root / "text_encoder_3", local_files_only=True, dtype=text_dtype)
+        t5 = t5.eval().requires_grad_(False)
         t5_tok = T5TokenizerFast.from_pretrained(_require(root / "tokenizer_3", "tokenizer_3"))
     return SD3Bundle(transformer, scheduler, codec, encoders, tokenizers, t5, t5_tok, t5_max_length)
