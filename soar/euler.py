@@ -68,10 +68,11 @@ def sample_embeds(transformer, codec, sigmas: torch.Tensor, embeds: torch.Tensor
                   seeds: Sequence[int], *, guidance_scale: float, resolution: int) -> np.ndarray:
     """Images for N prompts given as text embeddings, uint8 RGB ``[N, H, W, 3]``.
 
-    ``embeds [N + 1, L, D]`` / ``pooled [N + 1, P]``: the N prompts' rows, then the negative prompt's;
+    ``embeds [N + R, L, D]`` / ``pooled [N + R, P]``: the N prompts' rows, then the negative prompt's, once
+    (R = 1) or once per image (R = N, ``sample``);
     image i starts from the noise of ``seeds[i]``; ``sigmas [S + 1]``: the schedule (``sampling_sigmas``).
     The transformer runs in eval mode on its device, in the dtype of its weights (the sample stage casts
-    the bundle to bf16 on a GPU), with CFG (``soar.velocity.with_cfg``); the latents are decoded by ``codec``.
+    the transformer and codec to bf16 on a GPU), with CFG (``soar.velocity.with_cfg``); ``codec`` decodes.
     """
     param = next(transformer.parameters())
     device, dtype, n = param.device, param.dtype, len(seeds)
@@ -88,9 +89,13 @@ def sample(bundle: SD3Bundle, prompts: Sequence[str], seeds: Sequence[int], *, s
            resolution: int, negative_prompt: str = "") -> np.ndarray:
     """Images for ``prompts`` (one per entry, with the matching seed) as uint8 RGB ``[N, H, W, 3]``.
 
-    The prompts and the negative prompt are encoded in one call, the N images denoised together
-    (``sample_embeds``).
+    The N prompts are encoded in one call and the negative prompt, N times, in another, as diffusers'
+    ``StableDiffusion3Pipeline.encode_prompt`` does (a text encoder's output rows depend on the batch in the last
+    float bits, so this is what makes the images equal the pipeline's bit for bit); the N images are denoised
+    together (``sample_embeds``).
     """
-    embeds, pooled = bundle.encode_prompts([*prompts, negative_prompt])
-    return sample_embeds(bundle.transformer, bundle.codec, sampling_sigmas(bundle, steps), embeds, pooled, seeds,
+    embeds, pooled = bundle.encode_prompts(list(prompts))
+    neg_embeds, neg_pooled = bundle.encode_prompts([negative_prompt] * len(prompts))
+    return sample_embeds(bundle.transformer, bundle.codec, sampling_sigmas(bundle, steps),
+                         torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled]), seeds,
                          guidance_scale=guidance_scale, resolution=resolution)

@@ -41,8 +41,8 @@ def test_bundle_round_trip_uses_real_classes(folder):
     assert isinstance(bundle.transformer, SD3Transformer2DModel)
     assert bundle.scheduler.config.shift == 3.0 and bundle.t5_encoder is None
     embeds, pooled = bundle.encode_prompts(["a photo of a red circle", ""])
-    assert embeds.shape == (2, 12 + 77, 32) and pooled.shape == (2, 32)  # 12 CLIP tokens + t5_max_length zeros
-    assert not torch.allclose(embeds[0, :12], embeds[1, :12]) and not embeds[:, 12:].any()
+    assert embeds.shape == (2, 12, 32) and pooled.shape == (2, 32)  # a tiny pixel model: its 12 CLIP tokens only
+    assert not torch.allclose(embeds[0], embeds[1])
     again = load_bundle(folder)
     for a, b in zip(bundle.transformer.parameters(), again.transformer.parameters(), strict=True):
         assert torch.equal(a, b)

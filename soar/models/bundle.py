@@ -8,9 +8,10 @@ Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt`` (no CLI
 prompt): each CLIP tokenizer pads and truncates to the first CLIP tokenizer's ``model_max_length``
 (77 in SD3.5); both CLIP encoders' penultimate hidden states are concatenated on channels, zero-padded
 to the T5 width (the transformer's ``joint_attention_dim``) and followed on the sequence axis by ``t5_max_length``
-tokens: the T5 states (its tokenizer pads and truncates to that length) or, in a folder without T5
-(diffusers' ``text_encoder_3=None``, and the tiny profile), zeros. The pooled embedding is both CLIP
-projections concatenated.
+tokens: the T5 states (its tokenizer pads and truncates to that length) or, in an SD3 folder without T5
+(diffusers' ``text_encoder_3=None``, SD3's documented memory saver), zeros. The pooled embedding is both
+CLIP projections concatenated. The tiny pixel-codec models (``soar.models.tiny``) are not diffusers
+pipelines and have no T5 slot: they are conditioned on their CLIP tokens alone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SD3Bundle:
     t5_encoder: object | None = None  # T5EncoderModel or None (tiny profile)
     t5_tokenizer: object | None = None
     t5_max_length: int = 77  # T5 tokens per prompt
+    t5_slot: bool = True  # append t5_max_length zero tokens when there is no T5 encoder (False: tiny pixel models)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +66,8 @@ class SD3Bundle:
         """Prompts -> float32 (``prompt_embeds [B, L_clip + t5_max_length, joint_attention_dim]``, ``pooled [B, P]``).
 
         ``L_clip`` is the first CLIP tokenizer's ``model_max_length``; ``P`` the sum of both CLIP projection
-        widths. Without a T5 encoder the last ``t5_max_length`` tokens are zeros (module doc).
+        widths. Without a T5 encoder the last ``t5_max_length`` tokens are zeros, and a tiny pixel model
+        (``t5_slot`` False) has none: ``[B, L_clip, joint_attention_dim]`` (module doc).
         """
         if not self.clip_encoders:
             raise RuntimeError("this bundle has no text encoders (loaded with text_encoders=False or freed after "
@@ -79,15 +82,15 @@ class SD3Bundle:
             hidden.append(out.hidden_states[-2].to(device))
             pooled.append(out.text_embeds.to(device))
         clip = torch.cat(hidden, dim=-1)
+        width = self.transformer.config.joint_attention_dim
+        tokens = [F.pad(clip, (0, width - clip.shape[-1])).float()]  # CLIP-L ⊕ CLIP-G, zero-padded to the T5 width
         if self.t5_encoder is not None:
             ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
                                     return_tensors="pt").input_ids.to(self.t5_encoder.device)
-            t5 = self.t5_encoder(ids)[0].to(device)
-        else:
-            t5 = torch.zeros(len(prompts), self.t5_max_length, self.transformer.config.joint_attention_dim,
-                             device=device, dtype=clip.dtype)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip.float(), t5.float()], dim=1), torch.cat(pooled, dim=-1).float()
+            tokens.append(self.t5_encoder(ids)[0].to(device).float())
+        elif self.t5_slot:  # an SD3 folder without T5: zeros in its place, as diffusers
+            tokens.append(torch.zeros(len(prompts), self.t5_max_length, width, device=device))
+        return torch.cat(tokens, dim=1), torch.cat(pooled, dim=-1).float()
 
 
 def _require(folder: Path, what: str) -> Path:
@@ -140,9 +143,10 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
 
         codec = VaeCodec(AutoencoderKL.from_pretrained(_require(root / "vae", "vae (or a codec folder)"),
                                                        local_files_only=True, torch_dtype=torch.float32))
+    t5_slot = not isinstance(codec, PixelCodec)
     encoders, tokenizers = [], []
     if not text_encoders:
-        return SD3Bundle(transformer, scheduler, codec, t5_max_length=t5_max_length)
+        return SD3Bundle(transformer, scheduler, codec, t5_max_length=t5_max_length, t5_slot=t5_slot)
     for sub in ("", "_2"):
         tokenizers.append(CLIPTokenizer.from_pretrained(_require(root / f"tokenizer{sub}", f"tokenizer{sub}")))
         enc = CLIPTextModelWithProjection.from_pretrained(
@@ -155,4 +159,4 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
         t5 = T5EncoderModel.from_pretrained(root / "text_encoder_3", local_files_only=True, dtype=text_dtype)
         t5 = t5.eval().requires_grad_(False)
         t5_tok = T5TokenizerFast.from_pretrained(_require(root / "tokenizer_3", "tokenizer_3"))
-    return SD3Bundle(transformer, scheduler, codec, encoders, tokenizers, t5, t5_tok, t5_max_length)
+    return SD3Bundle(transformer, scheduler, codec, encoders, tokenizers, t5, t5_tok, t5_max_length, t5_slot)
