@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from PIL import Image
 
 from pipeline.config import Config
 from pipeline.tracking import StageRun, stage_run
 from soar.data.jsonl import read_clean_records
+from soar.data.prepare import check_buckets
 from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import SD3Bundle, load_bundle
 from soar.rollout import SoarConfig
@@ -23,6 +27,41 @@ from soar.trainer import train
 from soar.validation import image_grid
 
 VALIDATION_DIR = "validation"  # MLflow artifact folder of the validation grids
+
+
+def deepspeed_launch() -> bool:
+    """Whether ``accelerate launch`` asked for DeepSpeed (a ``distributed_type: DEEPSPEED`` config such as
+    pipeline/launch/zero2.yaml); raises one line saying what to do when DeepSpeed cannot run here.
+
+    DeepSpeed runs on CUDA GPUs, or on the CPU (gloo) when ``DS_ACCELERATOR=cpu`` is set: without CUDA the
+    CPU is never picked silently, so a GPU machine whose CUDA is broken does not train on its CPU.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    if importlib.util.find_spec("deepspeed") is None:
+        raise RuntimeError("the launch config asks for DeepSpeed (distributed_type: DEEPSPEED) but deepspeed is not "
+                           "installed: pip install -e '.[deepspeed]', or launch with a DDP config (multi_gpu.yaml, "
+                           "cpu_multi.yaml)")
+    if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise RuntimeError("the launch config asks for DeepSpeed but CUDA is not available: set DS_ACCELERATOR=cpu "
+                           "to run DeepSpeed on the CPU (gloo backend), or launch with pipeline/launch/cpu_multi.yaml")
+    return True
+
+
+def make_accelerator(t: TrainConfig) -> Accelerator:
+    """The Accelerator the launch configuration asks for, with ``train``'s precision and accumulation.
+
+    DeepSpeed launches get DeepSpeed (the plugin accelerate builds from the config's JSON), on the GPUs or,
+    with ``DS_ACCELERATOR=cpu``, on the CPU over gloo; other launches (DDP on GPUs, gloo on CPUs, one
+    process) run on CUDA when there is one and on the CPU otherwise. ``Accelerator(cpu=True)`` would drop
+    the DeepSpeed plugin, and without CUDA accelerate only counts the processes when it is told the backend.
+    """
+    kwargs = dict(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    if not deepspeed_launch():
+        return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    if torch.cuda.is_available():
+        return Accelerator(**kwargs)
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
 
 
 def validation_logger(run, stage: str, method: str):
@@ -42,17 +81,19 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
                  model_dir: str | Path | None = None, latent_cache: str | Path | None = None,
-                 run: StageRun | None = None) -> dict[str, float]:
+                 run: StageRun | None = None, text_encoder_dtype: str = "float32") -> dict[str, float]:
     """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0.
 
-    ``text_cache``: the embed stage's file, checked against the text encoders of ``model_dir`` (the
-    bundle's folder); the encoders are then dropped. None: captions are encoded once at the start.
+    ``text_cache``: the embed stage's folder, checked against the text encoders of ``model_dir`` (the
+    bundle's folder) and ``text_encoder_dtype`` (the dtype they ran in); the encoders are then dropped.
+    None: captions are encoded once at the start.
     ``latent_cache``: folder of the VAE latent cache (keyed by ``model_dir``'s codec files); None: encode per step.
     ``run``: an open MLflow run to log into (the study's per-seed runs); None opens ``{stage}:{method}``.
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    accelerator = make_accelerator(t)
     records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
+    # prepare checks this too; a JSONL written by hand must fail here, not in the first step's patchify
+    check_buckets(records, bundle.codec.downscale * bundle.transformer.config.patch_size, jsonl_path)
     text = None
     latents = None
     if latent_cache is not None:
@@ -63,7 +104,8 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
         if model_dir is None:
             raise ValueError("run_training: text_cache needs model_dir (the folder whose encoders built it)")
         text = load_cache(text_cache, model_dir, t5_max_length=bundle.t5_max_length,
-                          joint_attention_dim=bundle.transformer.config.joint_attention_dim)
+                          joint_attention_dim=bundle.transformer.config.joint_attention_dim,
+                          text_encoder_dtype=text_encoder_dtype)
         free_text_encoders(bundle)
     opened = (contextlib.nullcontext(run) if run is not None
               else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process))
@@ -90,10 +132,13 @@ def post_train(cfg: Config, method: str, out_dir: str | Path, *, stage: str = "t
         raise ValueError(f"unknown method {method!r}; expected sft or soar")
     if method == "soar" and cfg.soar is None:
         raise ValueError("method soar needs the soar section (declare it in the stage's params)")
+    deepspeed_launch()  # a DeepSpeed launch that cannot run stops here, before the model is read
     bundle = load_bundle(cfg.model.base_path, t5_max_length=cfg.model.t5_max_length,
-                         text_encoders=cfg.data.text_cache is None)  # with a cache they are never needed
+                         text_encoders=cfg.data.text_cache is None,  # with a cache they are never needed
+                         text_encoder_dtype=cfg.model.text_encoder_dtype)
     return run_training(bundle, cfg.train, cfg.soar if method == "soar" else None,
                         Path(cfg.data.prepared_dir) / "train.jsonl", cfg.data.image_dir, out_dir, stage=stage,
                         method=method, mlflow_cfg=cfg.mlflow, params=params or {},
                         dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
-                        model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache, run=run)
+                        model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache, run=run,
+                        text_encoder_dtype=cfg.model.text_encoder_dtype)

@@ -28,6 +28,7 @@ format: ``soar.finetune``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
@@ -47,7 +49,7 @@ from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
 from soar.rollout import SoarConfig
-from soar.snapshots import cpu_copy, sampling_weights, write_snapshot
+from soar.snapshots import cpu_copy, write_snapshot
 from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
 from soar.train_config import TrainConfig
@@ -74,19 +76,73 @@ def oom_names_settings(loop: TrainConfig, step: StepSettings) -> Iterator[None]:
             f"Original error: {exc}") from exc
 
 
+def deepspeed_batch_config(ds: dict, loop: TrainConfig, num_processes: int, source: str = "DeepSpeed config") -> dict:
+    """Fill the batch keys of the DeepSpeed config ``ds`` (in place, also returned) from ``train``.
+
+    "auto" values become: micro-batch = train.train_batch_size, accumulation = train.gradient_accumulation_steps,
+    clipping = train.max_grad_norm, train_batch_size = their product x ``num_processes``. A number that
+    disagrees with ``train`` is an error naming ``source`` (the JSON file) and the key. bf16 / fp16 "auto"
+    are accelerate's (train.mixed_precision, filled when the Accelerator is built).
+    """
+    micro, accumulation = loop.train_batch_size, loop.gradient_accumulation_steps
+    wanted = {"train_micro_batch_size_per_gpu": (micro, "train.train_batch_size"),
+              "gradient_accumulation_steps": (accumulation, "train.gradient_accumulation_steps"),
+              "gradient_clipping": (loop.max_grad_norm, "train.max_grad_norm"),
+              "train_batch_size": (micro * accumulation * num_processes,
+                                   f"train.train_batch_size x train.gradient_accumulation_steps x {num_processes} "
+                                   "processes")}
+    for key, (value, origin) in wanted.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given != value:
+            raise ValueError(f'{source}: {key} is {given!r} but {origin} gives {value}; set it to "auto" there '
+                             "(the trainer fills it) or make the two agree")
+    return ds
+
+
 def configure_deepspeed(accelerator: Accelerator, loop: TrainConfig, step: StepSettings) -> None:
     """Fill the DeepSpeed config's "auto" values the trainer owns (we do not hand it a DataLoader)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
-    if step.aux_microbatch is not None:  # accelerate's DeepSpeed backward also steps the engine
+    if step.aux_microbatch is not None:  # ZeRO-2 cannot turn gradient reduction off between chunks
         raise ValueError("soar.aux_microbatch must be null under DeepSpeed: every chunk's backward would "
                          "step the optimizer; use train.gradient_checkpointing or a smaller batch instead")
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = loop.train_batch_size
-    ds["gradient_accumulation_steps"] = loop.gradient_accumulation_steps
-    ds["gradient_clipping"] = loop.max_grad_norm
-    ds["train_batch_size"] = loop.train_batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world != accelerator.num_processes:
+        raise RuntimeError(f"accelerate counts {accelerator.num_processes} processes but DeepSpeed's process group "
+                           f"has {world}: build the Accelerator with pipeline.training.make_accelerator")
+    deepspeed_batch_config(plugin.deepspeed_config, loop, accelerator.num_processes,
+                           os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "DeepSpeed config"))
+
+
+def describe_engine(accelerator: Accelerator, model) -> str:
+    """One line naming what ``accelerator.prepare`` made of the model (the main process prints it at the start)."""
+    n = accelerator.num_processes
+    backend = f" ({torch.distributed.get_backend()})" if torch.distributed.is_initialized() else ""
+    line = f"engine: {type(model).__name__} on {accelerator.device.type}{backend}, {n} process{'es' * (n > 1)}"
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return line
+    precision = "bf16" if model.bfloat16_enabled() else "fp16" if model.fp16_enabled() else "fp32"
+    return (f"{line}, ZeRO stage {model.zero_optimization_stage()}, train_batch_size {model.train_batch_size()} = "
+            f"micro-batch {model.train_micro_batch_size_per_gpu()} x accumulation {model.gradient_accumulation_steps()}"
+            f" x {model.dp_world_size} processes, gradient_clipping {model.gradient_clipping()}, {precision}")
+
+
+def sixteen_bit(engine) -> bool:
+    """Whether a DeepSpeed ``engine`` keeps 16-bit module weights (bf16 / fp16; the fp32 masters are sharded)."""
+    return engine is not None and (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def full_precision(weights: list, engine) -> list[torch.Tensor]:
+    """The trained values of ``weights``: the parameters themselves, or under a 16-bit DeepSpeed engine
+    the float32 master weights, each gathered from the processes' shards (collective: every process calls it)."""
+    if not sixteen_bit(engine):
+        return weights
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p) for p in weights]
 
 
 def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainConfig, soar: SoarConfig | None,
@@ -135,17 +191,28 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=dataloader_num_workers)
     optimizer = make_optimizer(trainable, loop.optimizer, loop.learning_rate, loop.adam_weight_decay)
-    schedule = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.lr_warmup_steps,
-                             num_training_steps=loop.max_train_steps)
+    # accelerate steps a prepared schedule once per process at every optimiser step: count in those steps
+    n = accelerator.num_processes
+    schedule = get_scheduler(loop.lr_scheduler, optimizer, num_warmup_steps=loop.lr_warmup_steps * n,
+                             num_training_steps=loop.max_train_steps * n)
     configure_deepspeed(accelerator, loop, step)
     transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
-    velocity = transformer_velocity(transformer)
+    engine = transformer if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    accelerator.print(describe_engine(accelerator, transformer))
+    velocity = transformer_velocity(transformer, cast_inputs=engine is not None)  # DeepSpeed bf16: 16-bit weights
     weights = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
-    ema = EMA(weights, loop.ema_decay) if loop.ema_decay is not None else None
+    ema = EMA(full_precision(weights, engine), loop.ema_decay) if loop.ema_decay is not None else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # saved and restored by save_state / load_state
     gen = torch.Generator(device).manual_seed(loop.seed * 1009 + accelerator.process_index)
     ckpt_root = Path(out_dir) / "checkpoints"
+
+    def backward(loss: torch.Tensor) -> None:  # DeepSpeed: gradients only, the engine steps after the finite check
+        if engine is None:
+            accelerator.backward(loss)
+        else:
+            engine.set_gradient_accumulation_boundary(accelerator.sync_gradients)
+            engine.backward(loss)
 
     def reduce_counts(c: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(c, reduction="sum") if accelerator.num_processes > 1 else c
@@ -174,6 +241,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
     global_step, done = state["global_step"], state["batches_done"]  # done: batches this process consumed
     epoch, start = sampler.locate(done)
     good, finite = state, True  # good: the state before the current step (what a NaN step falls back to)
+    where = "on another process"  # named in the error when the non-finite loss was not this process's
     last, tic, seen = {}, time.perf_counter(), 0
     while global_step < loop.max_train_steps:
         sampler.set_epoch(epoch, start_batch=start)
@@ -184,21 +252,26 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
                       if "mean" in batch else bundle.codec.encode(batch["pixels"].to(device), generator=gen))
                 with accelerator.accumulate(transformer), accelerator.autocast():
                     metrics = training_step(velocity, z0, cond, uncond, grid, step, gen,
-                                            backward=accelerator.backward, reduce_counts=reduce_counts,
+                                            backward=backward, reduce_counts=reduce_counts,
                                             world_size=accelerator.num_processes, shift=shift,
                                             no_sync=lambda: accelerator.no_sync(transformer))
                 done += 1
-                finite &= bool(torch.isfinite(metrics["loss"]))
+                if finite and not bool(torch.isfinite(metrics["loss"])):  # this process's first bad micro-step
+                    finite, where = False, f"this process: {metrics['loss'].item()} at its batch {done}"
                 grad_norm = None
                 if accelerator.sync_gradients:
                     if not finite_everywhere(finite):  # skip the update, keep the last good state
                         optimizer.zero_grad(set_to_none=True)
                         path = save(good)
                         raise FloatingPointError(
-                            f"non-finite loss (this process: {metrics['loss'].item()}) at step {global_step + 1}; "
+                            f"non-finite loss ({where}) at step {global_step + 1}; "
                             f"the state after step {global_step} is saved in {path}")
-                    grad_norm = accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
-                optimizer.step()  # these three do nothing between accumulation micro-steps
+                    if engine is None:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, loop.max_grad_norm)
+                    else:  # clips (gradient_clipping = train.max_grad_norm), updates the shards, gathers weights
+                        engine.step()
+                        grad_norm = engine.get_global_grad_norm()
+                optimizer.step()  # these three do nothing between accumulation micro-steps (and under DeepSpeed)
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             seen += z0.shape[0] * accelerator.num_processes
@@ -206,13 +279,13 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
                 continue
             global_step += 1
             if ema is not None:
-                ema.update(weights)
+                ema.update(full_precision(weights, engine))
             good, finite = trainer_state(global_step, done), True
             if global_step % loop.log_every == 0 or global_step == loop.max_train_steps:
                 elapsed = time.perf_counter() - tic
                 last = {k: float(v) for k, v in metrics.items()}
                 last.update(lr=schedule.get_last_lr()[0], images_per_s=seen / elapsed)
-                if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+                if grad_norm is not None:  # the norm before clipping
                     last["grad_norm"] = float(grad_norm)
                 log(last, global_step)
                 tic, seen = time.perf_counter(), 0
@@ -223,38 +296,57 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
             if loop.checkpointing_steps and global_step % loop.checkpointing_steps == 0:
                 save(good)
             if loop.snapshot_steps and global_step % loop.snapshot_steps == 0:
-                save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop)
+                save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop, engine)
             if global_step >= loop.max_train_steps:
                 break
         epoch, start = epoch + 1, 0
-    save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop)
+    save_outputs(accelerator, transformer, Path(out_dir), ema, weights, loop, engine)
     return last
 
 
+def trained_copy(model: torch.nn.Module, weights: list, values: list, upcast: bool) -> torch.nn.Module:
+    """A CPU copy of ``model`` whose trainable ``weights`` take ``values`` (the EMA shadow, the fp32 masters or the
+    weights themselves); all in float32 when ``upcast`` (the model holds a 16-bit DeepSpeed engine's copies)."""
+    if not upcast:
+        return cpu_copy(model, {id(p): v for p, v in zip(weights, values, strict=True)})
+    copy = cpu_copy(model).float()
+    with torch.no_grad():
+        for q, v in zip([q for q in copy.parameters() if q.requires_grad], values, strict=True):
+            q.copy_(v)
+    return copy
+
+
 def save_snapshot(accelerator: Accelerator, transformer, out_dir: Path, step: int, ema: EMA | None, weights: list,
-                  lora: LoraConfig) -> None:
+                  lora: LoraConfig, engine=None) -> None:
     """From the main process: the weights sampling would use at ``step`` (EMA when on, LoRA merged) to
     ``out_dir/snapshots`` (``soar.snapshots``), saved from a CPU copy so training is untouched. Every process
-    calls it (a barrier)."""
+    calls it (a barrier; under a 16-bit DeepSpeed engine every process also gives its shard of the fp32 weights)."""
+    values = ema.shadow if ema is not None else full_precision(weights, engine)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(transformer)
-        folder = write_snapshot(cpu_copy(model, sampling_weights(weights, ema)), out_dir, step, lora)
+        model = trained_copy(accelerator.unwrap_model(transformer), weights, values, sixteen_bit(engine))
+        folder = write_snapshot(model, out_dir, step, lora)
         accelerator.print(f"snapshot of step {step}: {folder}")
     accelerator.wait_for_everyone()
 
 
 def save_outputs(accelerator: Accelerator, transformer, out_dir: Path, ema: EMA | None, weights: list,
-                 lora: LoraConfig) -> None:
+                 lora: LoraConfig, engine=None) -> None:
     """From the main process: ``out_dir/transformer`` (the EMA weights when on, what sampling loads; with
-    LoRA merged, adapters in ``transformer_lora``) and, with an EMA, the trained weights beside it."""
+    LoRA merged, adapters in ``transformer_lora``) and, with an EMA, the trained weights beside it.
+    Under a 16-bit DeepSpeed engine both are float32, from the fp32 master weights gathered from every process."""
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(transformer)
+    model, trained = accelerator.unwrap_model(transformer), weights
+    if sixteen_bit(engine):
+        masters = full_precision(weights, engine)  # collective
+        if accelerator.is_main_process:
+            model = trained_copy(model, weights, masters, upcast=True)
+            trained = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         if ema is not None:
             if not uses_lora(lora):
                 model.save_pretrained(out_dir / "transformer_raw")
             else:
                 model.save_lora_adapter(out_dir / "transformer_raw_lora")
-            ema.copy_to(weights)
+            ema.copy_to(trained)
         save_model(model, out_dir / "transformer", lora)
     accelerator.wait_for_everyone()

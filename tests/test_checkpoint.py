@@ -134,7 +134,8 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(world, tmp_path, monk
     bundle = load_bundle(model)
     loop = train_config(**{**LOOP, "gradient_accumulation_steps": 1, "checkpointing_steps": 0, "ema_decay": None,
                            "resume_from_checkpoint": None})
-    with pytest.raises(FloatingPointError, match=r"at step 3; the state after step 2 is saved in .*checkpoint-2"):
+    with pytest.raises(FloatingPointError, match=r"loss \(this process: nan at its batch 3\) at step 3; "
+                                             r"the state after step 2 is saved in .*checkpoint-2"):
         train(bundle, RECORDS, images, loop, SOAR, tmp_path, Accelerator(cpu=True), lambda m, s: None)
     folder = tmp_path / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_complete(folder) and not (tmp_path / "transformer").exists()

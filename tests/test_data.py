@@ -332,3 +332,24 @@ def test_pixel_multiple_reads_codec_factor_and_patch(tmp_path):
     assert pixel_multiple(tmp_path / "sd") == 16  # SD3.5: VAE factor 8 x patch 2
     with pytest.raises(FileNotFoundError, match=r"sd/vae has no vae/config\.json"):
         pixel_multiple(vae)
+
+
+def test_training_stops_at_a_bucket_the_model_cannot_take(tmp_path):
+    """A prepared JSONL edited by hand (prepare never saw it) fails before the first step, naming file:line."""
+    from helpers import write_tiny_training_world
+
+    from pipeline.config import MlflowConfig
+    from pipeline.training import run_training
+    from soar.models.bundle import load_bundle
+    from soar.train_config import TrainConfig
+
+    model_dir, image_dir, records = write_tiny_training_world(tmp_path)
+    jsonl = tmp_path / "train.jsonl"
+    rows = [{"md5": r.md5, "caption_en": r.caption, "bw": r.bw, "bh": r.bh} for r in records]
+    rows[5]["bw"] = 18  # patch 4 x pixel codec 1: 18 is not a multiple of 4
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"train\.jsonl:6: bucket 18x16 .* multiple of 4 px"):
+        run_training(load_bundle(model_dir), TrainConfig(max_train_steps=1), None, jsonl, image_dir, tmp_path / "out",
+                     stage="train", method="sft", mlflow_cfg=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+                     params={})
+    assert not (tmp_path / "out").exists()
