@@ -25,7 +25,8 @@ def main() -> None:
         metrics[m] = json.loads(path.read_text())
     md, csv_text = results_table(metrics)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.md").write_text("# Results (tiny-world metrics; see README)\n\n" + md)
+    tiny = cfg.score.geneval_backend == "tiny"  # the tiny world's exact detector: its metrics are the tiny world's
+    (OUT / "results.md").write_text(f"# Results{' (tiny-world metrics; see README)' * tiny}\n\n" + md)
     (OUT / "results.csv").write_text(csv_text)
     grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts)
     grid.save(OUT / "grid.png")
