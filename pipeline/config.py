@@ -30,7 +30,7 @@ from ruamel.yaml import YAML
 from soar.data.prompts import PromptFormat
 from soar.models.tiny import TinyModelConfig
 from soar.rollout import SoarConfig
-from soar.schema import ConfigError, build, check
+from soar.schema import ConfigError, at_least, build, check
 from soar.train_config import TrainConfig
 
 # The names of pipeline/prompt_files.py's FILES table (tests/test_prompt_files.py keeps the two equal); listed,
@@ -56,6 +56,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         check(self.num_images > 0, "num_images", "must be > 0")
+        at_least(self, 1, "image_size")
+        at_least(self, 0, "num_eval_geneval", "num_eval_ocr", "num_heldout", "seed")
         check(0 <= self.degraded_fraction < 1, "degraded_fraction", "must be in [0, 1)")
         check(0 <= self.text_fraction < 1, "text_fraction", "must be in [0, 1)")
 
@@ -74,6 +76,9 @@ class DataConfig:
     text_cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the cached embeddings
     latent_cache: str | None = None  # folder of per-image VAE posterior moments filled by train@* (null = per step)
 
+    def __post_init__(self) -> None:
+        at_least(self, 0, "dataloader_num_workers")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -85,6 +90,9 @@ class ModelConfig:
     t5_max_length: int = 77  # training's T5 tokens per prompt when the folder has a T5 encoder (77 in the paper)
     text_encoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the text encoders run in
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # architecture pretrain builds from scratch
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "t5_max_length")
 
 
 # The tiny base is pretrained from scratch by plain flow matching: the train section's loop at a higher
@@ -143,6 +151,10 @@ class SampleConfig:
     grid_prompts: int = 6  # prompts per set shown side by side in the report grid
     prompt_sets: dict[str, PromptSetConfig] = field(default_factory=lambda: TINY_PROMPT_SETS)  # named prompt sets
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "num_inference_steps", "resolution", "batch_size", "t5_max_length")
+        at_least(self, 0, "guidance_scale", "seed", "grid_prompts")
+
 
 @dataclass(frozen=True)
 class ScoreCheckpoints:
@@ -172,6 +184,9 @@ class ScoreConfig:
     device: str = "auto"  # torch device of the learned scorers; "auto" = cuda when available, else cpu
     allow_download: bool = False  # fetch weights whose path is null from their hub ids (false: missing = error)
     checkpoints: ScoreCheckpoints = field(default_factory=ScoreCheckpoints)  # local weights of the learned scorers
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "ocr_upscale", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -217,6 +232,8 @@ class StudyConfig:
         check(len(self.drift_starts) > 0 and all(v >= 0 for v in self.drift_starts), "drift_starts",
               "needs indices >= 0")
         check(self.drift_max_k >= 1, "drift_max_k", "must be >= 1")
+        check(all(v >= 0 for v in self.seeds), "seeds", "values must be >= 0")
+        at_least(self, 0, "drift_seed")
         check(self.heldout_images is None or self.heldout_images >= 1, "heldout_images", "must be null or >= 1")
         check(0 < self.confidence < 1, "confidence", "must be in (0, 1)")
 
@@ -238,6 +255,11 @@ class LaunchConfig:
     num_machines: int = 1  # machines for accelerate launch
     config_file: str = "pipeline/launch/cpu.yaml"  # accelerate config file
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "num_processes", "num_machines")
+        check(self.num_processes >= self.num_machines, "num_processes",
+              "is accelerate's total over all machines: must be >= num_machines")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -256,6 +278,14 @@ class Config:
     study: StudyConfig | None = field(default_factory=StudyConfig)  # the multi-seed study (study/dvc.yaml)
     mlflow: MlflowConfig | None = field(default_factory=MlflowConfig)  # MLflow tracking
     launch: LaunchConfig | None = field(default_factory=LaunchConfig)  # how dvc.yaml launches processes
+
+
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.score is not None:  # a prompt set scored but never sampled
+            unknown = sorted(set(self.score.scorers) - set(self.sample.prompt_sets))
+            if unknown:
+                raise ConfigError(f"score.scorers.{unknown[0]}: no prompt set of that name in sample.prompt_sets "
+                                  f"(it has: {', '.join(self.sample.prompt_sets)}); add it there or remove it here")
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from soar.extras import import_extra
-from soar.schema import check
+from soar.schema import check, positive
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 LORA_DIR = "transformer_lora"  # adapter weights beside the merged transformer/
@@ -39,6 +39,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         check(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "must be null or >= 1")
+        positive(self, "lora_alpha")
         check(self.lora_rank is None or len(self.lora_target_modules) > 0, "lora_target_modules",
               "must name at least one module when lora_rank is set")
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from soar.schema import check
+from soar.schema import check, positive
 
 TIMESTEP_SCALE = 1000.0  # SD3: timestep = sigma * 1000 (num_train_timesteps)
 # Timestep densities (``sample_t``) and loss weights (``loss_weight``), one name picking both as in SD3 training.
@@ -127,3 +127,4 @@ class FlowMatchingConfig:
 
     def __post_init__(self) -> None:
         check(0 <= self.cond_dropout_rate < 1, "cond_dropout_rate", "must be in [0, 1)")
+        positive(self, "logit_std", "mode_scale")

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from soar.flow import SigmaSampling, expand_like
-from soar.schema import check
+from soar.schema import at_least, check
 
 StochasticStep = Callable[..., torch.Tensor]
 
@@ -138,3 +138,4 @@ class SoarConfig:
         check(self.sigma_upper_ratio is None or self.sigma_upper_ratio >= 1, "sigma_upper_ratio",
               "must be null or >= 1 (below 1, r*sigma0 can fall under sigma1 and the range would be empty)")
         check(self.aux_microbatch is None or self.aux_microbatch >= 1, "aux_microbatch", "must be null or >= 1")
+        at_least(self, 0, "cfg_scale_sampling")

@@ -8,19 +8,26 @@ one-line comment with meaning and units, and range checks live in its ``__post_i
 ``build(cls, data, where)`` checks every key against the dataclass fields (unknown keys are
 errors, absent keys keep their default), checks every value against the field's type annotation
 (``int``, ``float``, ``str``, ``bool``, ``X | None``, ``Literal[...]``, ``list[X]``,
-``dict[str, X]`` and nested dataclasses), and names the offending key as a dotted path, also for
+``dict[str, X]`` and nested dataclasses; numbers must be finite, YAML's ``.nan`` and ``.inf`` are
+errors), and names the offending key as a dotted path, also for
 the ``__post_init__`` checks. Lists become tuples and mappings read-only mappings (frozen all the way).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, missing, of the wrong type or out of range."""
+    """A configuration value is unknown, missing, of the wrong type or out of range; ``key``: the field a
+    ``check`` in ``__post_init__`` names (``build`` then adds the value it got)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _type_name(tp: Any) -> str:
@@ -64,6 +71,8 @@ def _convert(tp: Any, value: Any, where: str, base: Any = None) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf are floats; no setting means either
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -113,14 +122,29 @@ def build(cls: type, data: Any, where: str, base: Any = None) -> Any:
         values[name] = _convert(hints[name], data[name], key, default)
     try:
         return cls(**values)
-    except ConfigError as err:  # a __post_init__ check: it names the key, we add where the section is
-        raise ConfigError(f"{where}.{err}") from None
+    except ConfigError as err:  # a __post_init__ check: it names the key, we add the section and the value
+        got = f", got {values[err.key]!r}" if err.key in values else ""
+        raise ConfigError(f"{where}.{err}{got}") from None
 
 
 def check(ok: bool, key: str, message: str) -> None:
     """Raise ``ConfigError("key: message")`` unless ``ok`` (``build`` prefixes the section's dotted path)."""
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", key)
 
 
-__all__ = ["ConfigError", "build", "check"]
+def at_least(settings: Any, minimum: float, *keys: str) -> None:
+    """``check`` that each of ``keys`` of ``settings`` is null or >= ``minimum``."""
+    for key in keys:
+        value = getattr(settings, key)
+        check(value is None or value >= minimum, key, f"must be >= {minimum}")
+
+
+def positive(settings: Any, *keys: str) -> None:
+    """``check`` that each of ``keys`` of ``settings`` is null or > 0."""
+    for key in keys:
+        value = getattr(settings, key)
+        check(value is None or value > 0, key, "must be > 0")
+
+
+__all__ = ["ConfigError", "at_least", "build", "check", "positive"]

@@ -15,7 +15,7 @@ from typing import Literal
 
 from soar.finetune import OPTIMIZERS, LoraConfig
 from soar.flow import FlowMatchingConfig
-from soar.schema import check
+from soar.schema import at_least, check, positive
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         check(self.validation_steps >= 0, "validation_steps", "must be >= 0")
-        for key in ("validation_num_inference_steps", "validation_resolution"):
-            check(getattr(self, key) >= 1, key, "must be >= 1")
+        at_least(self, 1, "validation_num_inference_steps", "validation_resolution")
+        at_least(self, 0, "validation_guidance_scale", "validation_seed")
 
     @property
     def validation_enabled(self) -> bool:
@@ -78,6 +78,8 @@ class TrainConfig(FlowMatchingConfig, LoraConfig, ValidationConfig):
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        positive(self, "max_grad_norm")  # clip_grad_norm_ with a negative norm flips the gradient
+        at_least(self, 0, "lr_warmup_steps", "adam_weight_decay", "seed")
         check(self.checkpointing_steps >= 0, "checkpointing_steps", "must be >= 0")
         check(self.snapshot_steps >= 0, "snapshot_steps", "must be >= 0")
         check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",

@@ -23,7 +23,7 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from soar.models.codec import PixelCodec
-from soar.schema import check
+from soar.schema import at_least, check, positive
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_SUFFIX = "</w>"  # CLIP BPE end-of-word marker
@@ -51,6 +51,10 @@ class TinyModelConfig:
     shift: float = 1.0  # scheduler shift (SD3.5: 3.0 for 128 x 128 latents; 1.0 suits 32 px pixels)
 
     def __post_init__(self) -> None:
+        at_least(self, 1, "sample_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim",
+                 "joint_attention_dim", "pooled_projection_dim", "caption_projection_dim", "text_hidden_size",
+                 "text_layers", "text_max_length")
+        positive(self, "shift")
         check(self.sample_size % self.patch_size == 0, "sample_size", "must divide by patch_size")
         check(self.caption_projection_dim == self.num_attention_heads * self.attention_head_dim,
               "caption_projection_dim", "must equal num_attention_heads * attention_head_dim")
