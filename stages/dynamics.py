@@ -22,7 +22,7 @@ from pipeline.dynamics import base_point, sample_snapshots, score_snapshots
 from pipeline.evaluation import build_scorers, scorer_names
 from pipeline.tracking import stage_run
 from soar.snapshots import SNAPSHOT_DIR, list_snapshots
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 METHODS = ("sft", "soar")
 PARAMS = ("model", "sample", "score", "dynamics", "mlflow")
@@ -60,4 +60,4 @@ def main(method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_main("dynamics", main, sys.argv[1] if len(sys.argv) > 1 else "")

@@ -16,7 +16,7 @@ from pipeline.tracking import stage_run
 from soar.data.jsonl import read_clean_records
 from soar.models.bundle import load_bundle
 from soar.text_cache import build_cache
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("data", "model", "train", "mlflow")
 
@@ -44,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("embed", main)

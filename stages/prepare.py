@@ -12,7 +12,7 @@ from pipeline.tracking import stage_run
 from soar.data.prepare import prepare_dataset
 from soar.data.quality import image_quality
 from soar.models.geometry import pixel_multiple
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("data", "model", "score", "mlflow")  # model: the base folder's geometry; score: the aesthetic weights
 
@@ -47,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("prepare", main)

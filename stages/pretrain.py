@@ -13,7 +13,7 @@ from pipeline.training import run_training
 from soar.data.jsonl import read_clean_records
 from soar.models.bundle import load_bundle
 from soar.models.tiny import write_tiny_model
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("data", "model", "pretrain", "mlflow")
 
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("pretrain", main)

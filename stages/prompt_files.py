@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.prompt_files import PromptFileError, fetch
-from stages.common import load
+from stages.common import load, run_main
 
 PARAMS = ("prompt_files",)
 
@@ -26,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("prompt_files", main)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.curves import read_curve, save_curves_png
 from pipeline.report import MODELS, comparison_grid, results_table
 from pipeline.tracking import stage_run
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("sample", "score", "dynamics", "mlflow")
 DYNAMICS = ("sft", "soar")  # the training runs with reward-vs-step curves
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("report", main)

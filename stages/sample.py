@@ -20,7 +20,7 @@ from accelerate import PartialState
 
 from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
 from pipeline.tracking import stage_run
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 BASE = "base"
 MODELS = (BASE, "sft", "soar")
@@ -63,4 +63,4 @@ def finish(run, sets: dict[str, SetPlan], log_images: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_main("sample", main, sys.argv[1] if len(sys.argv) > 1 else "")

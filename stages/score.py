@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.evaluation import build_scorers, score_samples, scorer_names
 from pipeline.tracking import stage_run
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("sample", "score", "mlflow")
 
@@ -34,4 +34,4 @@ def main(model: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_main("score", main, sys.argv[1] if len(sys.argv) > 1 else "")

@@ -14,7 +14,7 @@ import sys
 
 from pipeline.study import run_variant as run_one
 from pipeline.study_variants import find_variant, variant_config
-from stages.common import load
+from stages.common import load, run_main
 
 PARAMS = ("data", "model", "train", "soar", "sample", "score", "study", "mlflow")
 
@@ -28,4 +28,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_main("study", main, sys.argv[1] if len(sys.argv) > 1 else "")

@@ -22,7 +22,7 @@ from pipeline.study_report import (
 )
 from pipeline.study_variants import BASE, seed_variants, sweep_variants
 from pipeline.tracking import group_run, stage_run, use_experiment
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("train", "soar", "sample", "study", "mlflow")
 REPORT_DIR = Path("data/report")
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("study_report", main)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.tracking import stage_run
 from soar.data.tiny_world import generate_world
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 PARAMS = ("synth", "mlflow")
 
@@ -24,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("synth", main)

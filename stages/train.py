@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.training import post_train
 from soar import atomic
-from stages.common import declared, load
+from stages.common import declared, load, run_main
 
 # The output folder (weights, checkpoints, snapshots: ~100 GB at SD3.5-M size) is a DVC output with `cache: false`,
 # so DVC neither copies it into its cache nor writes a .gitignore entry for it; this file keeps it out of git.
@@ -31,4 +31,4 @@ def main(method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    run_main("train", main, sys.argv[1] if len(sys.argv) > 1 else "")
