@@ -66,6 +66,16 @@ def _create_temp(path: Path) -> tuple[Path, int]:
             os.close(fd)
 
 
+WRITING_NOTE = "while writing "  # start of the note an error inside an atomic write gets
+
+
+def name_target(err: BaseException, target: Path) -> None:
+    """Note on ``err`` the file or folder being written (a full disk or a writer's own error often names no
+    path, or only the temporary one); once: the innermost write in progress, the most precise path."""
+    if isinstance(err, Exception) and not any(n.startswith(WRITING_NOTE) for n in getattr(err, "__notes__", ())):
+        err.add_note(f"{WRITING_NOTE}{target}")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (by any means); on success it becomes ``path``.
@@ -81,8 +91,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.chmod(tmp, mode)
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        name_target(err, path)
         raise
     fsync_dir(path.parent)
 
@@ -160,6 +171,7 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         replace_folder(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_target(err, final)
         raise

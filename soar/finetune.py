@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from soar.atomic import atomic_folder
 from soar.extras import import_extra
 from soar.schema import check, positive
 
@@ -95,7 +96,9 @@ def save_model(transformer, folder: Path, lora: LoraConfig | None) -> None:
     """
     if uses_lora(lora):
         lora_dir = folder.parent / LORA_DIR if folder.name == "transformer" else folder.with_name(folder.name + "_lora")
-        transformer.save_lora_adapter(lora_dir)
+        with atomic_folder(lora_dir) as tmp:
+            transformer.save_lora_adapter(tmp)
         transformer.fuse_lora()
         transformer.unload_lora()
-    transformer.save_pretrained(folder)
+    with atomic_folder(folder) as tmp:  # complete or absent, also when the process dies while saving
+        transformer.save_pretrained(tmp)

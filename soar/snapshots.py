@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +34,23 @@ _NAME = re.compile(r"step-(\d+)")
 def snapshot_folder(out_dir: str | Path, step: int) -> Path:
     """``{out_dir}/snapshots/step-{step:06d}``."""
     return Path(out_dir) / SNAPSHOT_DIR / f"step-{step:06d}"
+
+
+def missing_steps(steps: Sequence[int]) -> list[int]:
+    """The steps a run that saved ``steps`` (sorted, every ``snapshot_steps`` = ``steps[0]``) should also have."""
+    if not steps:
+        return []
+    every = steps[0]
+    return sorted(set(range(every, steps[-1] + 1, every)) - set(steps))
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the hidden ``.step-*.tmp`` / ``.step-*.old`` folders a killed snapshot write leaves; returns them."""
+    root = Path(out_dir) / SNAPSHOT_DIR
+    stale = sorted(root.glob(".step-*.tmp")) + sorted(root.glob(".step-*.old")) if root.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def list_snapshots(out_dir: str | Path) -> list[tuple[int, Path]]:

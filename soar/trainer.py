@@ -42,6 +42,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
 from soar import checkpoint
+from soar.atomic import atomic_folder
 from soar.data.dataset import BucketBatchSampler, ImageCaptionDataset, collate
 from soar.ema import EMA
 from soar.finetune import LoraConfig, make_optimizer, prepare_trainable, save_model, uses_lora
@@ -49,7 +50,7 @@ from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
 from soar.rollout import SoarConfig
-from soar.snapshots import cpu_copy, write_snapshot
+from soar.snapshots import cpu_copy, remove_stale_temporaries, snapshot_folder, write_snapshot
 from soar.step import StepSettings, TextCond, training_step
 from soar.text_cache import CAPTION_BATCH, TextTable, encode_table
 from soar.train_config import TrainConfig
@@ -239,6 +240,13 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
         accelerator.print(f"resume_from_checkpoint=latest: no complete checkpoint under {ckpt_root}; starting fresh")
 
     global_step, done = state["global_step"], state["batches_done"]  # done: batches this process consumed
+    if accelerator.is_main_process:
+        for folder in remove_stale_temporaries(out_dir):
+            accelerator.print(f"removed {folder}, left by a killed snapshot write")
+    accelerator.wait_for_everyone()
+    if (resume is not None and loop.snapshot_steps and global_step % loop.snapshot_steps == 0
+            and not snapshot_folder(out_dir, global_step).is_dir()):  # killed between checkpoint and snapshot
+        save_snapshot(accelerator, transformer, Path(out_dir), global_step, ema, weights, loop, engine)
     epoch, start = sampler.locate(done)
     good, finite = state, True  # good: the state before the current step (what a NaN step falls back to)
     where = "on another process"  # named in the error when the non-finite loss was not this process's
@@ -343,10 +351,9 @@ def save_outputs(accelerator: Accelerator, transformer, out_dir: Path, ema: EMA 
             trained = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         if ema is not None:
-            if not uses_lora(lora):
-                model.save_pretrained(out_dir / "transformer_raw")
-            else:
-                model.save_lora_adapter(out_dir / "transformer_raw_lora")
+            raw = out_dir / ("transformer_raw_lora" if uses_lora(lora) else "transformer_raw")
+            with atomic_folder(raw) as tmp:
+                (model.save_lora_adapter if uses_lora(lora) else model.save_pretrained)(tmp)
             ema.copy_to(trained)
         save_model(model, out_dir / "transformer", lora)
     accelerator.wait_for_everyone()

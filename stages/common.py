@@ -7,14 +7,16 @@ import os
 import sys
 from collections.abc import Callable
 
+from safetensors import SafetensorError
+
 from pipeline.config import Config, load_config
 
 PARAMS_FILE = os.environ.get("SOAR_PARAMS", "params.yaml")  # stages run from the repo root under DVC
 DEBUG_ENV = "SOAR_DEBUG"  # set to 1: a stage's error shows its traceback instead of one line
 # Errors a user can act on (a bad value, a missing or unwritable file, a full disk, a non-finite loss): the
-# project raises these with a message naming what, where and what to do. Others (TypeError, KeyError, ...)
-# are bugs and keep their traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+# project raises these with a message naming what, where and what to do; safetensors reports a failed write
+# (e.g. a full disk) as its own error type. Others (TypeError, KeyError, ...) are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError, SafetensorError)
 
 
 def run_main(name: str, main: Callable[..., object], *args: str) -> None:
@@ -30,7 +32,8 @@ def run_main(name: str, main: Callable[..., object], *args: str) -> None:
         where = f"{name}@{args[0]}" if args and args[0] else name
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             where += f" (process {os.environ.get('RANK', '?')})"
-        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        text = " ".join([str(err) or type(err).__name__, *getattr(err, "__notes__", ())])  # e.g. the file written
+        message = " ".join(text.split())  # one line
         print(f"error: {where}: {message} ({DEBUG_ENV}=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -21,7 +21,7 @@ from pipeline.curves import write_curve
 from pipeline.dynamics import base_point, sample_snapshots, score_snapshots
 from pipeline.evaluation import build_scorers, scorer_names
 from pipeline.tracking import stage_run
-from soar.snapshots import SNAPSHOT_DIR, list_snapshots
+from soar.snapshots import SNAPSHOT_DIR, list_snapshots, missing_steps
 from stages.common import declared, load, run_main
 
 METHODS = ("sft", "soar")
@@ -34,6 +34,10 @@ def main(method: str) -> None:
     cfg = load(PARAMS)
     state = PartialState(cpu=not torch.cuda.is_available())
     snapshots = list_snapshots(Path(cfg.model.models_dir) / method)
+    gaps = missing_steps([step for step, _ in snapshots])
+    if gaps:
+        raise ValueError(f"{Path(cfg.model.models_dir) / method / SNAPSHOT_DIR}: the snapshots of steps {gaps} are "
+                         "missing, the curve would have a gap; rerun train@" + method)
     root = Path(cfg.dynamics.out_dir) / method
     if not snapshots and state.is_main_process:
         print(f"dynamics {method}: no snapshots under {Path(cfg.model.models_dir) / method / SNAPSHOT_DIR} "

@@ -83,7 +83,7 @@ def save_then_die(accelerator, root, step, *args, **kwargs):
         os._exit(17)  # a hard kill right after the checkpoint: no cleanup, nothing flushed, no final save
     return path
 ck.save_checkpoint = save_then_die
-t.run_train({model!r}, {images!r}, {out!r})
+t.run_train({model!r}, {images!r}, {out!r}, **{overrides!r})
 """
 
 
@@ -94,7 +94,7 @@ def test_resume_after_kill_equals_straight_run(world, tmp_path, capsys):
     run_train(model, images, straight)  # 6 steps; "latest" finds nothing and says so
     assert "no complete checkpoint" in capsys.readouterr().out
 
-    code = CRASH.format(tests=str(TESTS), k=3, model=str(model), images=str(images), out=str(killed))
+    code = CRASH.format(tests=str(TESTS), k=3, model=str(model), images=str(images), out=str(killed), overrides={})
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 17, proc.stderr[-3000:]
@@ -120,6 +120,34 @@ def test_resume_after_kill_equals_straight_run(world, tmp_path, capsys):
     ema = load(straight / "transformer" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], raw[k]) for k in base)  # training moved the weights
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # and the EMA lags behind them
+
+
+@pytest.mark.slow
+def test_a_kill_between_checkpoint_and_snapshot_loses_no_snapshot(world, tmp_path):
+    """Step 3's checkpoint is written, the process dies before step 3's snapshot (and a killed snapshot write
+    left its hidden folder): the resumed run writes step 3's snapshot from the restored state, removes the
+    leftover, and ends with the snapshots of the uninterrupted run, byte for byte."""
+    from soar.snapshots import list_snapshots
+
+    model, images = world
+    every = {"snapshot_steps": 3, "ema_decay": 0.9}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(model, images, straight, **every)
+    code = CRASH.format(tests=str(TESTS), k=3, model=str(model), images=str(images), out=str(killed), overrides=every)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert list_snapshots(killed) == []  # died after checkpoint-3, before its snapshot
+    stale = killed / "snapshots" / ".step-000006.tmp"
+    (stale / "transformer").mkdir(parents=True)  # what a kill inside a snapshot write leaves
+
+    run_train(model, images, killed, **every)
+    assert not stale.exists()
+    want, got = list_snapshots(straight), list_snapshots(killed)
+    assert [s for s, _ in got] == [s for s, _ in want] == [3, 6]
+    for (step, a), (_, b) in zip(want, got, strict=True):
+        name = "diffusion_pytorch_model.safetensors"
+        assert (a / name).read_bytes() == (b / name).read_bytes(), step
 
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(world, tmp_path, monkeypatch):

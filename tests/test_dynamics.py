@@ -9,6 +9,7 @@ the base model's score-stage metrics.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -159,6 +160,22 @@ def test_no_snapshots_gives_the_base_point_only(work, capsys):
     assert "no snapshots" in capsys.readouterr().out
     rows = read_curve(work / "dynamics" / "sft.csv")
     assert rows == [{"step": 0, **json.loads((work / "scores" / "base" / "metrics.json").read_text())}]
+
+
+def test_a_gap_in_the_snapshots_stops_the_stage(work):
+    """Snapshots of steps 4, 8 and 16: step 12 is lost, so the curve would have a gap; nothing is sampled."""
+    from soar.snapshots import missing_steps
+
+    assert missing_steps([4, 8, 16]) == [12] and missing_steps([5]) == missing_steps([]) == []
+    src = work / "models" / "soar" / "snapshots" / "step-000001"
+    for step in (4, 8, 16):
+        shutil.copytree(src, work / "models" / "sft" / "snapshots" / f"step-{step:06d}")
+    try:
+        with pytest.raises(ValueError, match=r"models/sft/snapshots: the snapshots of steps \[12\] are missing"):
+            run_stage(work, "params_None.yaml", stages.dynamics.main, "sft")
+        assert not (work / "dynamics" / "sft" / "step-000004").exists()
+    finally:
+        shutil.rmtree(work / "models" / "sft")
 
 
 def test_report_figure_has_one_panel_per_metric(work, tmp_path):

@@ -87,3 +87,33 @@ def test_soar_debug_shows_the_traceback(work):
     assert proc.returncode == 1
     assert TRACEBACK in proc.stderr and "FileNotFoundError: model folder not found: missing/model" in proc.stderr
     assert error_lines(proc) == []
+
+
+WRITE_WEIGHTS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import TINY_ARCH, TRAIN_CAPTIONS
+from soar.finetune import save_model
+from soar.models.bundle import load_bundle
+from stages.common import run_main
+bundle = load_bundle({model!r})
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # from here on no file may grow past 4 KiB
+run_main("train", lambda method: save_model(bundle.transformer, Path({out!r}), None), "sft")
+"""
+
+
+def test_a_failed_weights_write_names_the_folder_and_leaves_nothing_half_written(tmp_path):
+    """A write that the system refuses part-way (a file-size limit here, a full disk elsewhere: both fail the
+    same write call) ends in one line naming the folder being written; no partial folder stays."""
+    from helpers import write_tiny_training_world
+
+    model, _, _ = write_tiny_training_world(tmp_path)
+    out = tmp_path / "models" / "sft" / "transformer"
+    code = WRITE_WEIGHTS.format(tests=str(ROOT / "tests"), model=str(model), out=str(out))
+    proc = run(tmp_path, [sys.executable, "-c", code])
+    assert proc.returncode == 1 and TRACEBACK not in proc.stderr, proc.stderr
+    (line,) = error_lines(proc)
+    assert line.startswith("error: train@sft: ") and f"while writing {out} (SOAR_DEBUG=1" in line, line
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no transformer/, no .transformer.tmp
