@@ -151,9 +151,12 @@ def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable
         bundle = load()
         for b in tqdm(mine, desc=f"sample {label}", unit="batch", disable=not state.is_main_process):
             entries = list(b.entries)
-            images = sample(bundle, [e["prompt"] for e in entries], [e["seed"] for e in entries],
-                            steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                            resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+            try:
+                images = sample(bundle, [e["prompt"] for e in entries], [e["seed"] for e in entries],
+                                steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                                resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"sample {label}, set {b.set_name}: {err}") from err
             for e, im in zip(entries, images, strict=True):
                 if not (b.set_dir / e["path"]).is_file():  # a resumed batch keeps its complete images
                     save_png(b.set_dir / e["path"], im)

@@ -16,10 +16,12 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.tracking import StageRun, stage_run
+from soar.data.dataset import unusable_buckets
 from soar.data.jsonl import read_clean_records
 from soar.data.prepare import check_buckets
 from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import SD3Bundle, load_bundle
+from soar.models.geometry import check_side
 from soar.rollout import SoarConfig
 from soar.text_cache import free_text_encoders, load_cache
 from soar.train_config import TrainConfig
@@ -93,7 +95,17 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
     accelerator = make_accelerator(t)
     records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
     # prepare checks this too; a JSONL written by hand must fail here, not in the first step's patchify
-    check_buckets(records, bundle.codec.downscale * bundle.transformer.config.patch_size, jsonl_path)
+    section = "pretrain" if stage == "pretrain" else "train"  # where t comes from, for error messages
+    multiple = bundle.codec.downscale * bundle.transformer.config.patch_size
+    check_buckets(records, multiple, jsonl_path)
+    if t.validation_enabled:
+        check_side(t.validation_resolution, multiple, f"{section}.validation_resolution", model_dir or "the model")
+    unused = unusable_buckets([r.bucket for r in records], t.train_batch_size, accelerator.num_processes,
+                              f"{section}.train_batch_size")
+    if unused and accelerator.is_main_process:  # drop_last batching never draws these
+        print(f"{stage}:{method}: {sum(unused.values())} image(s) in buckets smaller than train_batch_size "
+              f"{t.train_batch_size} are never trained on: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in
+                                                                          unused.items()), flush=True)
     text = None
     latents = None
     if latent_cache is not None:

@@ -58,6 +58,14 @@ def denoise(velocity: Velocity, z: torch.Tensor, sigmas: torch.Tensor, embeds: t
     return z
 
 
+class NonFiniteImages(FloatingPointError):
+    """Decoded images holding NaN or infinity; ``indices``: which images of the batch."""
+
+    def __init__(self, indices: list[int]):
+        super().__init__(f"images {indices} hold NaN or infinity")
+        self.indices = indices
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images ``[N, 3, H, W]`` in [-1, 1] -> uint8 RGB ``[N, H, W, 3]``."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -81,7 +89,11 @@ def sample_embeds(transformer, codec, sigmas: torch.Tensor, embeds: torch.Tensor
     embeds, pooled = embeds.to(device, dtype), pooled.to(device, dtype)
     velocity = with_cfg(transformer_velocity(transformer.eval(), cast_inputs=True), guidance_scale, embeds[n:],
                         pooled[n:])
-    return to_uint8(codec.decode(denoise(velocity, z, sigmas, embeds[:n], pooled[:n])))
+    images = codec.decode(denoise(velocity, z, sigmas, embeds[:n], pooled[:n]))
+    bad = (~torch.isfinite(images.flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+    if bad:  # NaN would be written as black pixels (uint8 of NaN), infinity as white ones
+        raise NonFiniteImages(bad)
+    return to_uint8(images)
 
 
 @torch.no_grad()
@@ -96,6 +108,12 @@ def sample(bundle: SD3Bundle, prompts: Sequence[str], seeds: Sequence[int], *, s
     """
     embeds, pooled = bundle.encode_prompts(list(prompts))
     neg_embeds, neg_pooled = bundle.encode_prompts([negative_prompt] * len(prompts))
-    return sample_embeds(bundle.transformer, bundle.codec, sampling_sigmas(bundle, steps),
-                         torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled]), seeds,
-                         guidance_scale=guidance_scale, resolution=resolution)
+    try:
+        return sample_embeds(bundle.transformer, bundle.codec, sampling_sigmas(bundle, steps),
+                             torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled]), seeds,
+                             guidance_scale=guidance_scale, resolution=resolution)
+    except NonFiniteImages as err:
+        i = err.indices[0]
+        raise FloatingPointError(f"{len(err.indices)} of {len(prompts)} image(s) came out NaN or infinite, first "
+                                 f"for prompt {prompts[i]!r} (seed {seeds[i]}); nothing of this batch is "
+                                 "saved") from None

@@ -33,7 +33,7 @@ from soar.data.jsonl import TrainingRecord
 from soar.text_cache import file_sha256
 
 FORMAT_VERSION = 1
-PREPROCESS_VERSION = 1  # soar.data.dataset.resize_center_crop + to_pixels; bump when they change
+PREPROCESS_VERSION = 2  # soar.data.images.load_rgb + dataset.resize_center_crop + to_pixels; bump when they change
 CODEC_DIRS = ("vae", "codec")
 
 

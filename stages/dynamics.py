@@ -21,6 +21,7 @@ from pipeline.curves import write_curve
 from pipeline.dynamics import base_point, sample_snapshots, score_snapshots
 from pipeline.evaluation import build_scorers, scorer_names
 from pipeline.tracking import stage_run
+from soar.models.geometry import check_side, pixel_multiple
 from soar.snapshots import SNAPSHOT_DIR, list_snapshots, missing_steps
 from stages.common import declared, load, run_main
 
@@ -32,6 +33,7 @@ def main(method: str) -> None:
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     cfg = load(PARAMS)
+    check_side(cfg.sample.resolution, pixel_multiple(cfg.model.base_path), "sample.resolution", cfg.model.base_path)
     state = PartialState(cpu=not torch.cuda.is_available())
     snapshots = list_snapshots(Path(cfg.model.models_dir) / method)
     gaps = missing_steps([step for step, _ in snapshots])

@@ -20,6 +20,7 @@ from accelerate import PartialState
 
 from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
 from pipeline.tracking import stage_run
+from soar.models.geometry import check_side, pixel_multiple
 from stages.common import declared, load, run_main
 
 BASE = "base"
@@ -32,6 +33,7 @@ def main(model: str) -> None:
         raise SystemExit(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
     cfg = load(PARAMS)
     s = cfg.sample
+    check_side(s.resolution, pixel_multiple(cfg.model.base_path), "sample.resolution", cfg.model.base_path)
     state = PartialState(cpu=not torch.cuda.is_available())
     transformer = Path(cfg.model.base_path) / "transformer" if model == BASE else \
         Path(cfg.model.models_dir) / model / "transformer"

@@ -12,10 +12,10 @@ from PIL import Image
 from soar.data.dataset import (
     BucketBatchSampler,
     ImageCaptionDataset,
-    ImageLoadError,
     collate,
     resize_center_crop,
 )
+from soar.data.images import ImageLoadError
 from soar.data.jsonl import JsonlError, read_jsonl, read_training_records
 from soar.data.prepare import prepare_dataset
 
@@ -353,3 +353,93 @@ def test_training_stops_at_a_bucket_the_model_cannot_take(tmp_path):
                      stage="train", method="sft", mlflow_cfg=MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/m.db"),
                      params={})
     assert not (tmp_path / "out").exists()
+
+
+# --- decoding: 16-bit, transparency, pixel budget, decompression bombs, duplicate md5s --------------------
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from soar.data.images import load_rgb
+
+    values = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")  # Pillow reads it as 16-bit
+    rgb = load_rgb(tmp_path / "deep.png")
+    want = np.rint(values / 257.0).astype(np.uint8)
+    assert rgb.shape == (48, 64, 3) and all(np.array_equal(rgb[..., c], want) for c in range(3))
+    assert len(np.unique(rgb)) > 200  # a gradient, not black and white
+    clipped = np.asarray(Image.open(tmp_path / "deep.png").convert("RGB"))  # what convert("RGB") gives:
+    assert (clipped == 255).mean() > 0.99  # values above 255 clipped, almost all white
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    from soar.data.images import load_rgb
+
+    palette = Image.new("P", (4, 2))
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 0 black (made transparent), index 1 red
+    palette.putdata([0, 1, 1, 0, 1, 0, 0, 1])
+    palette.save(tmp_path / "pal.png", transparency=0)
+    rgb = load_rgb(tmp_path / "pal.png")
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [255, 0, 0]
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (0, 0, 255, 255)  # opaque blue
+    rgba[0, 1] = (0, 0, 255, 0)  # fully transparent (its colour must not show)
+    rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black over white: grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    rgb = load_rgb(tmp_path / "alpha.png")
+    assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[0, 1].tolist() == [255, 255, 255]
+    assert rgb[1, 0].tolist() == [127, 127, 127]
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_an_image_above_the_pixel_budget_is_downscaled_on_load(tmp_path, suffix):
+    from soar.data.images import fit_budget, load_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / f"big.{suffix}")
+    rgb = load_rgb(tmp_path / f"big.{suffix}", max_pixels=100 * 75)
+    assert rgb.shape == (75, 100, 3) and fit_budget(400, 300, 100 * 75) == (100, 75)  # aspect kept
+    assert load_rgb(tmp_path / f"big.{suffix}").shape == (300, 400, 3)  # within the budget: untouched
+
+
+def test_a_decompression_bomb_is_dropped_naming_the_file(messy_folder, tmp_path, monkeypatch):
+    jsonl, images = messy_folder
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # ok* are 56 x 40 = 2240 px: above 2 x 500
+    Image.new("RGB", (8, 8)).save(images / "small.jpg")
+    jsonl.write_text(jsonl.read_text() + line("small") + "\n")
+    report = prepare_dataset(jsonl, images, tmp_path / "o.jsonl", quality_fn=lambda b: np.ones(len(b)),
+                             threshold=0.5)
+    assert report["kept"] == 1 and report["dropped"]["unreadable_image"] == 9  # 7 too big, corrupt, truncated
+    (first,) = [e for e in report["examples"]["unreadable_image"] if e["md5"] == "ok0"]
+    assert "ok0.jpg" in first["message"] and "decompression-bomb limit" in first["message"]
+
+
+def test_duplicate_md5s_are_kept_and_reported(messy_folder, tmp_path):
+    jsonl, images = messy_folder
+    jsonl.write_text(jsonl.read_text() + line("ok1", caption="another caption") + "\n" + line("ok1") + "\n")
+    report = prepare_dataset(jsonl, images, tmp_path / "o.jsonl", quality_fn=mean_brightness, threshold=0.5)
+    assert report["kept"] == 6  # the 4 bright ones and both repeats of ok1
+    assert report["duplicate_md5"] == {"lines": 2, "examples": [{"line": 13, "md5": "ok1", "first_line": 4},
+                                                                {"line": 14, "md5": "ok1", "first_line": 4}]}
+
+
+def test_a_batch_larger_than_every_bucket_names_the_key():
+    from soar.data.dataset import unusable_buckets
+
+    buckets = [(32, 32)] * 5 + [(48, 16)] * 3 + [(16, 48)] * 9
+    assert unusable_buckets(buckets, 4, 1) == {(48, 16): 3}  # never drawn with drop_last batching
+    assert unusable_buckets(buckets, 3, 2) == {}
+    with pytest.raises(ValueError, match=r"train\.train_batch_size is 10 but the largest bucket holds 9 image\(s\) "
+                                         r"\(17 in 3 bucket\(s\)\): 0 full batch\(es\) for 1 process\(es\); lower "
+                                         r"train\.train_batch_size to at most 9"):
+        unusable_buckets(buckets, 10, 1)
+    with pytest.raises(ValueError, match=r"pretrain\.train_batch_size is 5 .* 2 full batch\(es\) for 4 process"):
+        unusable_buckets(buckets, 5, 4, "pretrain.train_batch_size")
+
+
+def test_a_side_that_is_no_multiple_names_the_key_and_the_nearest_sides():
+    from soar.models.geometry import check_side
+
+    check_side(512, 16, "sample.resolution", "sd35")
+    with pytest.raises(ValueError, match=r"sample\.resolution is 500 px, not a multiple of 16 px \(codec factor x "
+                                         r"patch size of sd35\); use 496 or 512"):
+        check_side(500, 16, "sample.resolution", "sd35")

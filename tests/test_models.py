@@ -91,3 +91,32 @@ def test_prompt_sets_read_and_errors_name_the_line(tmp_path):
         read_prompt_set(gen, "geneval")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_prompt_set(tmp_path / "missing.txt", "text")
+
+
+def test_weights_with_nan_are_refused_at_load(folder, tmp_path):
+    """A file that loads (valid header, right shapes) but holds a NaN: an error naming the folder and tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "model"
+    shutil.copytree(folder, bad)
+    weights = next((bad / "transformer").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model/transformer: 1 weight tensor\(s\) hold NaN or infinity, first "
+                                         rf"{name.replace('.', r'[.]')}"):
+        load_bundle(bad)
+
+
+def test_a_non_finite_image_stops_sampling_naming_the_prompt(folder):
+    """NaN in the weights after loading (a diverged run's state, say): no image is returned for the batch."""
+    bundle = load_bundle(folder)
+    with torch.no_grad():
+        bundle.transformer.proj_out.weight[0, 0] = float("inf") * 0  # NaN in the output projection
+    prompts = ["a photo of a red circle", 'a sign that says "CAT"']
+    with pytest.raises(FloatingPointError, match=r"2 of 2 image\(s\) came out NaN or infinite, first for prompt "
+                                                 r"'a photo of a red circle' \(seed 11\); nothing of this batch"):
+        sample(bundle, prompts, [11, 12], steps=2, guidance_scale=4.5, resolution=16)

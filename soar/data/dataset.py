@@ -1,8 +1,8 @@
 """Image + caption dataset over aspect-ratio buckets, and a bucket-aware distributed batch sampler.
 
-``ImageCaptionDataset`` loads ``image_dir/{md5}.jpg``, resizes it (aspect kept) until it
-covers its bucket ``(bw, bh)`` and centre-crops to exactly ``bh x bw``. A missing or
-unreadable image is an ``ImageLoadError`` naming the file; nothing is ever substituted.
+``ImageCaptionDataset`` loads ``image_dir/{md5}.jpg`` (decoded by ``soar.data.images``), resizes it
+(aspect kept) until it covers its bucket ``(bw, bh)`` and centre-crops to exactly ``bh x bw``. A missing or
+unreadable image is an ``ImageLoadError`` (``soar.data.images``) naming the file; nothing is ever substituted.
 
 ``BucketBatchSampler`` makes batches whose members share one bucket, shuffles them with a
 generator seeded by ``(seed, epoch)``, and deals them round-robin to ranks: every rank gets
@@ -19,29 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from soar.data.images import RESAMPLE, load_rgb
 from soar.data.jsonl import TrainingRecord
 
-RESAMPLE = Image.Resampling.BICUBIC
 PIXEL_SCALE = 127.5  # uint8 [0, 255] -> float [-1, 1]: x / 127.5 - 1
-
-
-class ImageLoadError(OSError):
-    """An image that is missing or cannot be decoded; the message names the file."""
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file fully into uint8 RGB ``[H, W, 3]``; ``ImageLoadError`` naming it if not."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 
 
 def resize_center_crop(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -113,6 +97,22 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out = {k: torch.stack([item[k] for item in items]) for k in tensors}
     out.update(captions=[item["caption"] for item in items], md5s=[item["md5"] for item in items])
     return out
+
+
+def unusable_buckets(buckets: Sequence[tuple[int, int]], batch_size: int, world_size: int,
+                     key: str = "train.train_batch_size") -> dict[tuple[int, int], int]:
+    """``{bucket: images}`` of the buckets too small for one batch of ``batch_size`` (``BucketBatchSampler`` never
+    draws them); raises ``ValueError`` naming ``key`` when they leave fewer batches than ``world_size``."""
+    sizes: dict[tuple[int, int], int] = defaultdict(int)
+    for bucket in buckets:
+        sizes[tuple(bucket)] += 1
+    batches = sum(n // batch_size for n in sizes.values())
+    if batches < world_size:
+        largest = max(sizes.values(), default=0)
+        raise ValueError(f"{key} is {batch_size} but the largest bucket holds {largest} image(s) "
+                         f"({len(buckets)} in {len(sizes)} bucket(s)): {batches} full batch(es) for {world_size} "
+                         f"process(es); lower {key} to at most {largest // world_size or 1}")
+    return {b: n for b, n in sorted(sizes.items()) if n < batch_size}
 
 
 class BucketBatchSampler(Sampler[list[int]]):

@@ -13,6 +13,10 @@ A bucket side that is not a multiple of ``bucket_multiple`` (the model's codec f
 first such line and the count: the dataset was bucketed for another model, and dropping those lines would
 silently lose part of it.
 
+Lines whose ``md5`` an earlier line already has (the same image) are kept, the same picture with another
+caption being a legitimate pair, and listed in the report (``duplicate_md5``) so that a copy-paste
+accident is visible. Images are decoded by ``soar.data.images`` (16-bit, transparency, pixel budget).
+
 ``quality_fn`` scores a batch: ``quality_fn(list of uint8 [H, W, 3] RGB arrays) -> float array
 [B]`` (the tiny world passes a cheap rule, the paper profile the LAION aesthetic predictor).
 Images within one call may differ in size.
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from soar.data.dataset import ImageLoadError, load_rgb
+from soar.data.images import ImageLoadError, load_rgb
 from soar.data.jsonl import (
     REASON_EMPTY_CAPTION,
     REASON_MALFORMED,
@@ -100,7 +104,8 @@ def prepare_dataset(
 
     Returns the report: ``input``, ``output``, ``lines`` (non-blank lines read), ``kept``,
     ``dropped`` ({reason: count} for every reason), ``examples`` ({reason: first <= 10
-    ``{"line", "md5", "message"}``}), ``quality`` (``threshold``, ``scored``, ``min``, ``mean``,
+    ``{"line", "md5", "message"}``}), ``duplicate_md5`` (``lines`` repeating an earlier line's md5, kept, and
+    the first <= 10 ``{"line", "md5", "first_line"}``), ``quality`` (``threshold``, ``scored``, ``min``, ``mean``,
     ``max`` over all scored images; None stats when none was scored). Raises ``ValueError``
     (with the counts) when nothing is kept; ``out_jsonl`` is then not written.
     """
@@ -149,6 +154,9 @@ def prepare_dataset(
         flush()
 
     lines = len(records) + len(problems)
+    first_line: dict[str, int] = {}
+    repeats = [{"line": r.line, "md5": r.md5, "first_line": first_line[r.md5]} for r in records
+               if first_line.setdefault(r.md5, r.line) != r.line]
     result = {
         "input": str(jsonl_path),
         "output": str(out_jsonl),
@@ -156,6 +164,7 @@ def prepare_dataset(
         "kept": len(kept),
         "dropped": dict(report.counts),
         "examples": report.examples,
+        "duplicate_md5": {"lines": len(repeats), "examples": repeats[:MAX_EXAMPLES]},
         "quality": {
             "threshold": float(threshold),
             "scored": len(all_scores),

@@ -107,11 +107,22 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` and the first tensor of ``model`` holding NaN or infinity
+    (weights that load fine but would sample black or noise images)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinity, first {bad[0]}; the file is "
+                         "damaged or the run that wrote it diverged: restore or retrain it")
+
+
 def load_transformer(path: str | Path) -> SD3Transformer2DModel:
     """Load the ``SD3Transformer2DModel`` saved with ``save_pretrained`` at ``path``, in float32 whatever its
-    stored dtype (SD3.5 Medium stores float16)."""
+    stored dtype (SD3.5 Medium stores float16); weights that are not finite are an error naming ``path``."""
     path = _require(Path(path), "transformer")
-    return SD3Transformer2DModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    model = SD3Transformer2DModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    check_finite(model, path)
+    return model
 
 
 def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None, t5_max_length: int = 77,
@@ -141,8 +152,10 @@ def load_bundle(path: str | Path, *, transformer_path: str | Path | None = None,
     else:
         from diffusers import AutoencoderKL
 
-        codec = VaeCodec(AutoencoderKL.from_pretrained(_require(root / "vae", "vae (or a codec folder)"),
-                                                       local_files_only=True, torch_dtype=torch.float32))
+        vae = AutoencoderKL.from_pretrained(_require(root / "vae", "vae (or a codec folder)"), local_files_only=True,
+                                            torch_dtype=torch.float32)
+        check_finite(vae, root / "vae")
+        codec = VaeCodec(vae)
     t5_slot = not isinstance(codec, PixelCodec)
     encoders, tokenizers = [], []
     if not text_encoders:

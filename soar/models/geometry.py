@@ -35,3 +35,11 @@ def codec_downscale(model_dir: str | Path) -> int:
 def pixel_multiple(model_dir: str | Path) -> int:
     """The side multiple, in pixels, of every image the folder's model trains on or samples: downscale x patch."""
     return codec_downscale(model_dir) * int(_config(Path(model_dir) / "transformer" / "config.json")["patch_size"])
+
+
+def check_side(side: int, multiple: int, key: str, model_dir: str | Path) -> None:
+    """Raise ``ValueError`` naming ``key`` when the image side ``side`` (pixels) is not a multiple of ``multiple``."""
+    if side % multiple:
+        lower, upper = side // multiple * multiple, (side // multiple + 1) * multiple
+        raise ValueError(f"{key} is {side} px, not a multiple of {multiple} px (codec factor x patch size of "
+                         f"{model_dir}); use {lower or upper} or {upper}")
