@@ -3,21 +3,30 @@
 Store: ``mlflow.tracking_uri`` from params, else ``$MLFLOW_TRACKING_URI``, else the sqlite file
 ``mlflow.db`` at the repository root (``$DVC_ROOT`` when DVC runs the stage, so queued and
 temporary experiments log to the user's store). Experiment from params (``soar``). Tags:
-``method``, ``stage``, ``git_commit``, ``dvc_exp`` (DVC's experiment name, when set).
+``method``, ``stage``, ``git_commit``, ``dvc_exp`` (DVC's experiment name, when set), ``host`` and ``pid``.
+
+Robustness: a new sqlite store is created under a file lock (stages starting together would otherwise
+race on its tables); an http(s) tracking server is probed with a short timeout before use, so an
+unreachable one fails in seconds naming the URI instead of after MLflow's minutes of retries; a run
+left RUNNING by a stage process that died on this host is marked KILLED when that stage runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
+import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DB_NAME = "mlflow.db"
+PROBE_TIMEOUT_S = 5.0  # how long an http(s) tracking server may take to answer /health before the stage stops
 
 
 def repo_root() -> Path:
@@ -68,17 +77,72 @@ class StageRun:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ``RuntimeError`` naming ``uri`` unless the MLflow server there answers ``/health`` within ``timeout``."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
+            answer.read()
+    except OSError as err:  # URLError and timeouts included
+        reason = getattr(err, "reason", err)
+        raise RuntimeError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or set "
+                           "mlflow.tracking_uri: null to log to the local sqlite store") from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a sqlite store (``{db}.lock``) while it may be created; no-op otherwise."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def use_experiment(mlflow_cfg, experiment: str | None = None):
     """Point mlflow at the configured store and experiment (``experiment`` overrides the config's); returns mlflow."""
     import mlflow
 
     name = experiment or mlflow_cfg.experiment
-    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg.tracking_uri))
-    if mlflow.get_experiment_by_name(name) is None:
-        artifacts = (repo_root() / "mlruns").as_uri() if "sqlite" in tracking_uri(mlflow_cfg.tracking_uri) else None
-        mlflow.create_experiment(name, artifact_location=artifacts)
+    uri = tracking_uri(mlflow_cfg.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):  # the first access creates the tables of a new sqlite store
+        if mlflow.get_experiment_by_name(name) is None:
+            artifacts = (repo_root() / "mlruns").as_uri() if uri.startswith("sqlite") else None
+            mlflow.create_experiment(name, artifact_location=artifacts)
     mlflow.set_experiment(name)
     return mlflow
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def close_dead_runs(mlflow, run_name: str) -> list[str]:
+    """Mark KILLED the RUNNING runs named ``run_name`` whose process (tags ``host``, ``pid``) is gone from this
+    host; returns their ids. Runs of other hosts are left alone (their processes cannot be checked here)."""
+    host = socket.gethostname()
+    running = mlflow.search_runs(filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'",
+                                 output_format="list")
+    dead = [r.info.run_id for r in running if r.data.tags.get("host") == host
+            and r.data.tags.get("pid", "").isdigit() and not process_alive(int(r.data.tags["pid"]))]
+    for run_id in dead:
+        mlflow.MlflowClient().set_terminated(run_id, status="KILLED")
+    return dead
 
 
 def group_run(mlflow_cfg, experiment: str, group: str, tags: Mapping[str, str] | None = None) -> str:
@@ -96,23 +160,46 @@ def group_run(mlflow_cfg, experiment: str, group: str, tags: Mapping[str, str] |
         return run.info.run_id
 
 
+def interrupted_run(mlflow_cfg, run_name: str, out_dir: str, experiment: str | None = None) -> str | None:
+    """The id of the newest run named ``run_name`` that wrote to ``out_dir`` (tag ``out_dir``) and did not
+    finish (RUNNING, KILLED or FAILED): the run a training resumed from a checkpoint continues."""
+    mlflow = use_experiment(mlflow_cfg, experiment)
+    found = mlflow.search_runs(filter_string=f"attributes.run_name = '{run_name}' and tags.out_dir = '{out_dir}' "
+                                             "and attributes.status != 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return found[0].info.run_id if found else None
+
+
 @contextlib.contextmanager
 def stage_run(mlflow_cfg, stage: str, method: str, params: Mapping[str, Any], main_process: bool = True, *,
               experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, str] | None = None, continue_run_id: str | None = None) -> Iterator[StageRun]:
     """Open the run for one stage execution; yields a no-op handle on non-main processes.
 
     ``experiment`` / ``run_name`` override the config's experiment and ``{stage}:{method}``;
-    ``parent_run_id`` nests the run under a group run (``group_run``); ``tags`` are added to the standard ones.
+    ``parent_run_id`` nests the run under a group run (``group_run``); ``tags`` are added to the standard ones;
+    ``continue_run_id`` reopens that run (a resumed training: one run, one curve) instead of starting one.
     """
     if not main_process:
         yield StageRun(None, active=False)
         return
     mlflow = use_experiment(mlflow_cfg, experiment)
+    name = run_name or f"{stage}:{method}"
+    for run_id in close_dead_runs(mlflow, name):
+        print(f"mlflow: run {run_id} ({name}) was left RUNNING by a process that died; marked KILLED", flush=True)
     all_tags = {"method": method, "stage": stage, "git_commit": git_commit(),
                 "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), "dvc_stage": os.environ.get("DVC_STAGE", ""),
-                **(tags or {})}
-    with mlflow.start_run(run_name=run_name or f"{stage}:{method}", tags=all_tags, parent_run_id=parent_run_id):
-        flat = flatten("", params)
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+                "host": socket.gethostname(), "pid": str(os.getpid()), **(tags or {})}
+    opened = (mlflow.start_run(run_id=continue_run_id) if continue_run_id is not None else
+              mlflow.start_run(run_name=name, tags=all_tags, parent_run_id=parent_run_id))
+    with opened:
+        if continue_run_id is not None:
+            mlflow.set_tags(all_tags)  # this process's host and pid from now on
+            print(f"mlflow: continuing run {continue_run_id} ({name})", flush=True)
+        flat = {k: str(v)[:500] for k, v in flatten("", params).items()}
+        logged = mlflow.MlflowClient().get_run(continue_run_id).data.params if continue_run_id else {}
+        changed = sorted(k for k in flat if k in logged and logged[k] != flat[k])
+        if changed:  # MLflow keeps a run's first value of a parameter
+            print(f"mlflow: the continued run keeps its earlier values of {', '.join(changed)}", flush=True)
+        mlflow.log_params({k: v for k, v in flat.items() if k not in logged})
         yield StageRun(mlflow, active=True)

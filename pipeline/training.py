@@ -15,7 +15,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.tracking import StageRun, stage_run
+from pipeline.tracking import StageRun, interrupted_run, stage_run
+from soar.checkpoint import resolve_resume
 from soar.data.dataset import unusable_buckets
 from soar.data.jsonl import read_clean_records
 from soar.data.prepare import check_buckets
@@ -119,8 +120,13 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                           joint_attention_dim=bundle.transformer.config.joint_attention_dim,
                           text_encoder_dtype=text_encoder_dtype)
         free_text_encoders(bundle)
+    out_tag = str(Path(out_dir).resolve())
+    resuming = resolve_resume(t.resume_from_checkpoint, Path(out_dir) / "checkpoints") is not None
+    continued = (interrupted_run(mlflow_cfg, f"{stage}:{method}", out_tag)
+                 if resuming and run is None and accelerator.is_main_process else None)
     opened = (contextlib.nullcontext(run) if run is not None
-              else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process))
+              else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process,
+                             tags={"out_dir": out_tag}, continue_run_id=continued))
     with opened as run:
         def log(metrics: dict[str, float], step: int) -> None:
             run.log_metrics(metrics, step=step)
