@@ -71,9 +71,12 @@ WRITING_NOTE = "while writing "  # start of the note an error inside an atomic w
 
 def name_target(err: BaseException, target: Path) -> None:
     """Note on ``err`` the file or folder being written (a full disk or a writer's own error often names no
-    path, or only the temporary one); once: the innermost write in progress, the most precise path."""
-    if isinstance(err, Exception) and not any(n.startswith(WRITING_NOTE) for n in getattr(err, "__notes__", ())):
-        err.add_note(f"{WRITING_NOTE}{target}")
+    path, or only a temporary one). Nested atomic writes each replace the note, so it ends up naming the
+    outermost target: a final path the user knows, not a temporary folder inside it."""
+    if not isinstance(err, Exception):
+        return
+    notes = [n for n in getattr(err, "__notes__", ()) if not n.startswith(WRITING_NOTE)]
+    err.__notes__ = [*notes, f"{WRITING_NOTE}{target}"]
 
 
 @contextmanager

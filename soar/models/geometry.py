@@ -24,6 +24,8 @@ def _config(path: Path) -> dict:
 def codec_downscale(model_dir: str | Path) -> int:
     """Pixels per latent pixel of the folder's codec (``codec/`` = the pixel codec, else ``vae/``)."""
     root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder not found: {root}")
     if (root / "codec" / "config.json").is_file():
         kind = _config(root / "codec" / "config.json").get("type")
         if kind != PIXEL_CODEC_TYPE:
