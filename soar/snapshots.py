@@ -80,13 +80,6 @@ def cpu_copy(model: torch.nn.Module, replace: Mapping[int, torch.Tensor] | None 
     return copy.deepcopy(model, memo)
 
 
-def sampling_weights(parameters: Sequence[torch.nn.Parameter], ema) -> dict[int, torch.Tensor]:
-    """``id(parameter) -> tensor`` sampling would use instead of the trained value: the EMA shadow ({} without EMA)."""
-    if ema is None:
-        return {}
-    return {id(p): s for p, s in zip(parameters, ema.shadow, strict=True)}
-
-
 def write_snapshot(model: torch.nn.Module, out_dir: str | Path, step: int, lora: LoraConfig | None) -> Path:
     """Save ``model`` (a copy: LoRA is merged into it in place) as the snapshot of ``step``; returns its folder."""
     final = snapshot_folder(out_dir, step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 from soar.flow import FlowMatchingConfig
 from soar.rollout import SoarConfig
@@ -49,3 +50,33 @@ def write_tiny_training_world(root):
     for r in records:
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(r.image_path(root / "images"))
     return root / "model", root / "images", records
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (for a rendezvous or a server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_launch_world(work, arch: dict, params_file) -> dict:
+    """Under ``work``: a 16-image tiny world (its JSONL also as ``prepared/train.jsonl``) and a tiny model ``base``
+    of architecture ``arch``; returns the repository's params (``params_file``) pointed at them, with a text cache."""
+    import json
+    import shutil
+
+    from pipeline.config import read_params
+    from soar.data.tiny_world import generate_world
+    from soar.models.tiny import TinyModelConfig, write_tiny_model
+
+    generate_world(work / "world", num_images=16, image_size=16, degraded_fraction=0.0, text_fraction=0.25,
+                   num_eval_geneval=0, num_eval_ocr=0, seed=0)
+    (work / "prepared").mkdir()
+    shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
+    captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
+    write_tiny_model(work / "base", TinyModelConfig(**arch), captions, seed=0)
+    params = read_params(params_file)
+    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared",
+                          text_cache="cache/text.pt")
+    params["model"].update(base_path="base", tiny=arch)
+    return params

@@ -8,10 +8,8 @@ gets are checked by DeepSpeed's own config validation for 1, 2 and 8 processes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import free_port, write_launch_world
 from safetensors.torch import load_file
 
 from pipeline.config import parse_config, read_params
-from soar.data.tiny_world import generate_world
-from soar.models.tiny import TinyModelConfig, write_tiny_model
 from soar.train_config import TrainConfig
 from soar.trainer import deepspeed_batch_config
 
@@ -40,11 +37,6 @@ STEPS, CHECKPOINT_AT, WARMUP, LR = 4, 2, 4, 2e-3
 WEIGHT_ATOL = 1e-6
 LOSS_RTOL = 1e-5  # losses and gradient norms: measured within one float32 ulp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def has_deepspeed() -> bool:
@@ -161,16 +153,7 @@ def runs(tmp_path_factory):
     if not has_deepspeed():
         pytest.skip("needs deepspeed (pip install -e '.[test]')")
     work = tmp_path_factory.mktemp("deepspeed")
-    generate_world(work / "world", num_images=16, image_size=16, degraded_fraction=0.0, text_fraction=0.25,
-                   num_eval_geneval=0, num_eval_ocr=0, seed=0)
-    (work / "prepared").mkdir()
-    shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
-    captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
-    write_tiny_model(work / "base", TinyModelConfig(**ARCH), captions, seed=0)
-    params = read_params(ROOT / "params.yaml")
-    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared",
-                          text_cache="cache/text.pt")
-    params["model"].update(base_path="base", tiny=ARCH)
+    params = write_launch_world(work, ARCH, ROOT / "params.yaml")
     params["train"].update(max_train_steps=STEPS, train_batch_size=2, gradient_accumulation_steps=2, log_every=1,
                            learning_rate=LR, lr_scheduler="constant_with_warmup", lr_warmup_steps=WARMUP,
                            checkpointing_steps=CHECKPOINT_AT, checkpoints_total_limit=None,

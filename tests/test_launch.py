@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import free_port, write_launch_world
 from safetensors.torch import load_file
 
-from pipeline.config import parse_config, read_params
-from soar.data.tiny_world import generate_world
-from soar.models.tiny import TinyModelConfig, write_tiny_model
+from pipeline.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "pipeline" / "launch"
@@ -26,11 +23,6 @@ ARCH = dict(sample_size=16, patch_size=2, num_layers=1, num_attention_heads=2, a
             text_hidden_size=16, text_layers=1, text_max_length=12, shift=3.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --- 2-process CPU run ------------------------------------------------------------------------------
 
@@ -38,16 +30,8 @@ def free_port() -> int:
 def two_process_run(tmp_path_factory):
     """A tiny world + tiny model in tmp, a shrunk params file, `accelerate launch` with 2 gloo processes."""
     work = tmp_path_factory.mktemp("launch")
-    generate_world(work / "world", num_images=16, image_size=16, degraded_fraction=0.0, text_fraction=0.25,
-                   num_eval_geneval=0, num_eval_ocr=0, seed=0)
-    (work / "prepared").mkdir()
-    shutil.copy(work / "world" / "train.jsonl", work / "prepared" / "train.jsonl")
-    captions = [json.loads(line)["caption_en"] for line in (work / "world" / "train.jsonl").read_text().splitlines()]
-    write_tiny_model(work / "base", TinyModelConfig(**ARCH), captions, seed=0)
-    params = read_params(ROOT / "params.yaml")
-    params["data"].update(jsonl_path="world/train.jsonl", image_dir="world/images", prepared_dir="prepared",
-                          text_cache="cache/text.pt")
-    params["model"].update(base_path="base", models_dir="models", tiny=ARCH)
+    params = write_launch_world(work, ARCH, ROOT / "params.yaml")
+    params["model"]["models_dir"] = "models"
     params["train"].update(max_train_steps=3, train_batch_size=2, log_every=1, checkpointing_steps=0,
                            validation_steps=2, validation_num_inference_steps=2,
                            validation_resolution=ARCH["sample_size"])

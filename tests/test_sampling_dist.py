@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY_ARCH
+from helpers import TINY_ARCH, free_port
 
 import stages.common
 import stages.sample
@@ -54,11 +53,6 @@ def work(tmp_path_factory) -> Path:
     (work / "ocr.txt").write_text("\n".join(OCR))
     return work
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def params_file(work: Path, out_dir: str) -> str:

@@ -5,13 +5,13 @@ and with two processes; SOAR_DEBUG=1 brings the traceback back."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 
 from pipeline.config import read_params
 
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.slow  # subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 TRACEBACK = "Traceback (most recent call last)"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

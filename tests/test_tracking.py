@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from pipeline.config import MlflowConfig
 from pipeline.tracking import stage_run
@@ -27,11 +28,6 @@ with stage_run(cfg, "score", sys.argv[2], {{"n": 1}}) as run:
     {then}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def python(code: str, *args: str) -> subprocess.Popen:
