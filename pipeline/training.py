@@ -137,7 +137,6 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
         final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
                       on_validation=validation_logger(run, stage, method), latents=latents,
                       dataloader_num_workers=dataloader_num_workers)
-        run.log_metrics({f"final/{k}": v for k, v in final.items()})
     accelerator.end_training()
     return final
 
