@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -38,9 +39,59 @@ def run_main(name: str, main: Callable[..., object], *args: str) -> None:
         sys.exit(1)
 
 
+# Library log messages known to be harmless here, dropped by exact message (logger name -> message regex)
+HARMLESS_LOG_MESSAGES = {
+    # diffusers warns at every ``model.to(dtype)`` of a model, naming the modules it should keep in float32:
+    # sampling casts the transformer and the VAE to bf16 on a GPU and the dynamics stage casts each snapshot
+    # (pipeline.sample_sets.open_bundle, pipeline.dynamics.SnapshotLoader). With an empty list no module needs
+    # float32, so nothing is cast that should not be; a model that does name modules still warns.
+    "diffusers.models.modeling_utils": r"There are modules in \w+ that should be kept in float32: \[\]\.",
+    # DeepSpeed, imported by accelerate when installed (unwrap_model, save_pretrained), says it found no GPU: the
+    # project picks CPU or CUDA itself (pipeline.training.make_accelerator) and runs DeepSpeed on the CPU only
+    # when DS_ACCELERATOR=cpu asks for it (pipeline.training.deepspeed_launch)
+    "DeepSpeed": r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it\.",
+}
+
+
+class DropMessage(logging.Filter):
+    """A logger filter dropping the records whose message matches ``pattern`` (from its start)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_libraries() -> None:
+    """Silence library output a stage's user has no use for; idempotent.
+
+    - progress bars of diffusers (model and pipeline loading, "Loading pipeline components"), transformers ("Loading
+      weights", "Loading checkpoint shards", "Writing model shards" when the tiny model is written) and
+      huggingface_hub (downloads; ``HF_HUB_DISABLE_PROGRESS_BARS`` also reaches child processes): under DVC the
+      output is no terminal and each bar is a carriage-return line; the stages print their own progress
+      (``soar.progress``);
+    - the messages of ``HARMLESS_LOG_MESSAGES``, each by its exact text: a library's other warnings still show.
+    """
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    for name, pattern in HARMLESS_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)  # DeepSpeed's logger keeps this filter when it is set up later
+        if not any(isinstance(f, DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(DropMessage(pattern))
+
+
 def load(sections: tuple[str, ...]) -> Config:
-    """Validate params.yaml and return only ``sections`` (a stage's declared params)."""
+    """Validate params.yaml and return only ``sections`` (a stage's declared params); quiets the libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_libraries()
     return load_config(PARAMS_FILE, sections)
 
 

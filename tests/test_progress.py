@@ -1,11 +1,16 @@
 """Progress lines (``soar.progress``): rate and ETA arithmetic on a fake clock, throttling, the main process
-only, a resumed loop's count."""
+only, a resumed loop's count; and the library noise ``stages.common.quiet_libraries`` silences."""
 
 from __future__ import annotations
 
 import io
+import logging
+
+import pytest
+import torch
 
 from soar.progress import Progress, clock_text, rate_text
+from stages import common
 
 
 class FakeClock:
@@ -105,3 +110,85 @@ def test_nothing_to_do_is_one_line():
     assert progress.update(0, "(16 of 16 images cached before)") == (
         "pretrain:base step 0/0 (100.0 %) elapsed 0:00 (16 of 16 images cached before)")
     assert progress.update(0) is None and len(out.getvalue().splitlines()) == 1
+
+
+# --- library noise -----------------------------------------------------------------------------------------
+
+class Records(logging.Handler):
+    """Collects the messages of the records that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def noisy_libraries(monkeypatch):
+    """The libraries as a process that never called ``quiet_libraries`` has them (restored afterwards), and the
+    records that reach diffusers' library logger (its own handler's stream is pytest's, not the test's)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    def reset() -> None:
+        for name in common.HARMLESS_LOG_MESSAGES:
+            logger = logging.getLogger(name)
+            for f in [f for f in logger.filters if isinstance(f, common.DropMessage)]:
+                logger.removeFilter(f)
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()  # huggingface_hub's bars too
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    reset()
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)
+    yield records
+    logging.getLogger("diffusers").removeHandler(records)
+    reset()
+
+
+def load_and_cast(folder) -> None:
+    """What the stages do with a model: load the bundle, cast the transformer (sampling on a GPU casts to bf16)."""
+    from soar.models.bundle import load_bundle
+
+    load_bundle(folder).transformer.to(torch.bfloat16)
+
+
+def test_loading_the_tiny_model_prints_no_bar_and_no_float32_warning(noisy_libraries, tmp_path, capfd):
+    from helpers import TINY_ARCH, TRAIN_CAPTIONS
+
+    from soar.models.tiny import TinyModelConfig, write_tiny_model
+
+    write_tiny_model(tmp_path / "model", TinyModelConfig(**TINY_ARCH), TRAIN_CAPTIONS, seed=0)
+    capfd.readouterr()
+    load_and_cast(tmp_path / "model")  # the libraries' own output: what the test would miss if it changed
+    before = "".join(capfd.readouterr())
+    assert "Loading weights" in before and "\r" in before, before
+    assert any("should be kept in float32: []" in m for m in noisy_libraries.messages), noisy_libraries.messages
+    noisy_libraries.messages.clear()
+    common.quiet_libraries()
+    common.quiet_libraries()  # idempotent: one filter per message
+    write_tiny_model(tmp_path / "again", TinyModelConfig(**TINY_ARCH), TRAIN_CAPTIONS, seed=0)  # "Writing model shards"
+    load_and_cast(tmp_path / "again")
+    after = "".join(capfd.readouterr())
+    assert after == "" and noisy_libraries.messages == [], (after, noisy_libraries.messages)
+    assert [sum(isinstance(f, common.DropMessage) for f in logging.getLogger(name).filters)
+            for name in common.HARMLESS_LOG_MESSAGES] == [1] * len(common.HARMLESS_LOG_MESSAGES)
+
+
+@pytest.mark.parametrize(("name", "message", "shown"), [
+    ("diffusers.models.modeling_utils", "There are modules in AutoencoderKL that should be kept in float32: []. "
+                                        "Casting directly with `to()` can lead to inconsistent results", False),
+    ("diffusers.models.modeling_utils", "There are modules in T5 that should be kept in float32: ['wo']. "
+                                        "Casting directly with `to()` can lead to inconsistent results", True),
+    ("diffusers.models.modeling_utils", "Some weights of the model checkpoint were not used", True),
+    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+     False),
+    ("DeepSpeed", "Setting ds_accelerator to cuda (auto detect)", True),
+])
+def test_only_the_exact_harmless_messages_are_dropped(noisy_libraries, name, message, shown):
+    common.quiet_libraries()
+    logger = logging.getLogger(name)
+    assert bool(logger.filter(logger.makeRecord(name, logging.WARNING, __file__, 0, message, (), None))) is shown
