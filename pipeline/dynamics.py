@@ -34,6 +34,7 @@ from pipeline.sample_sets import (
     sampling_dtype,
 )
 from soar.models.bundle import SD3Bundle, load_transformer
+from soar.progress import Progress
 from soar.rewards import Scorer
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,15 @@ def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root
             log.info("dynamics %s: removed %s (no such snapshot now)", method, p)
     state.wait_for_everyone()
     loader = SnapshotLoader(cfg, state.device)
+    # one line per snapshot (each is a whole sampling run, with its own lines)
+    progress = Progress(f"dynamics {method}", len(snapshots), unit="snapshot", main=state.is_main_process, every=0)
     for step, transformer in snapshots:
         made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample,
                            digest=lambda t=transformer: model_digest(cfg.model.base_path, t),
                            load=lambda t=transformer: loader(t), text_encoder_dtype=cfg.model.text_encoder_dtype)
         if state.is_main_process:
             complete_sets(plans[step])
-            print(f"dynamics {method}: step {step}: {made} new images", flush=True)
+        progress.advance(note=f"step {step}: {made} new images")
     loader.release()
     return plans
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.sample_layout import load_image, read_index
+from soar.progress import Progress
 from soar.rewards import Scorer, ScoreRecord, build_scorer
 
 Plan = Mapping[str, Sequence[str]]  # prompt set -> scorer names
@@ -36,12 +36,14 @@ def score_entries(scorers: Mapping[str, Scorer], names: Sequence[str], images: C
     ``images(lo, hi)``: uint8 RGB ``[hi - lo, H, W, 3]`` of ``entries[lo:hi]`` (read from disk, or sampled in memory).
     """
     records: dict[str, list[ScoreRecord]] = {n: [] for n in names}
-    for lo in tqdm(range(0, len(entries), batch_size), desc=desc, unit="batch"):
+    progress = Progress(desc, len(entries), unit="image")
+    for lo in range(0, len(entries), batch_size):
         batch = entries[lo:lo + batch_size]
         batch_images = images(lo, lo + len(batch))
         for n in names:
             records[n].extend(scorers[n].score(batch_images, [e["prompt"] for e in batch],
                                                [e["metadata"] for e in batch]))
+        progress.advance(len(batch))
     return records
 
 

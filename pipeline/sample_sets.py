@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pipeline.sample_layout import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
 from soar.data.prompts import read_prompt_set
 from soar.euler import image_seed, sample
 from soar.models.bundle import SD3Bundle, load_bundle
+from soar.progress import Progress
 
 NEGATIVE_PROMPT = ""  # the paper's negative prompt
 SetPlan = tuple[Path, list[dict]]  # a prompt set's folder and its entries (index lines)
@@ -149,7 +149,9 @@ def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable
     made = torch.tensor([0], device=state.device)  # new PNGs written by this process
     if mine:
         bundle = load()
-        for b in tqdm(mine, desc=f"sample {label}", unit="batch", disable=not state.is_main_process):
+        progress = Progress(f"sample {label}", sum(len(b.entries) for b in mine), unit="image",
+                            main=state.is_main_process)
+        for b in mine:
             entries = list(b.entries)
             try:
                 images = sample(bundle, [e["prompt"] for e in entries], [e["seed"] for e in entries],
@@ -161,6 +163,7 @@ def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable
                 if not (b.set_dir / e["path"]).is_file():  # a resumed batch keeps its complete images
                     save_png(b.set_dir / e["path"], im)
                     made += 1
+            progress.advance(len(entries), note=f"set {b.set_name}")
     if state.use_distributed:
         torch.distributed.all_reduce(made)  # also the barrier: every process's images are on disk
     return int(made.item())

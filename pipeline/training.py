@@ -23,6 +23,7 @@ from soar.data.prepare import check_buckets
 from soar.latent_cache import LatentCache, codec_key
 from soar.models.bundle import SD3Bundle, load_bundle
 from soar.models.geometry import check_side
+from soar.progress import Progress
 from soar.rollout import SoarConfig
 from soar.text_cache import free_text_encoders, load_cache
 from soar.train_config import TrainConfig
@@ -128,11 +129,14 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
               else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process,
                              tags={"out_dir": out_tag}, continue_run_id=continued))
     with opened as run:
+        # every logged step is shown (train.log_every is the interval); rate and ETA count from the first
+        # logged step, so neither the set-up nor the steps before a resume skew them
+        progress = Progress(f"{stage}:{method}", t.max_train_steps, unit="step", start=None,
+                            main=accelerator.is_main_process, every=0)
+
         def log(metrics: dict[str, float], step: int) -> None:
             run.log_metrics(metrics, step=step)
-            if accelerator.is_main_process:
-                shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                print(f"{stage}:{method} step {step}/{t.max_train_steps} {shown}", flush=True)
+            progress.update(step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
         final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
                       on_validation=validation_logger(run, stage, method), latents=latents,

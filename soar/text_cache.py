@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from soar import atomic
+from soar.progress import Progress
 
 FORMAT_VERSION = 2
 CAPTION_BATCH = 256  # captions per text-encoder call
@@ -241,6 +242,7 @@ def build_cache(bundle, model_dir: str | Path, captions: Iterable[str], path: st
             "format": FORMAT_VERSION, "dtype": dtype, "text_encoder_dtype": text_encoder_dtype, "t5_max_length": t5,
             "joint_attention_dim": width, "model_dir": str(model_dir), "manifest": manifest}
     layout = None
+    progress = Progress(f"text cache {path}", len(unique), unit="caption")
     with atomic.atomic_folder(path) as tmp:  # never a half-written cache under the final name
         for lo in range(0, len(unique), batch):
             e, p = bundle.encode_prompts(unique[lo:lo + batch])
@@ -254,6 +256,7 @@ def build_cache(bundle, model_dir: str | Path, captions: Iterable[str], path: st
                 end = min(lo + len(e), (row // layout.shard_rows + 1) * layout.shard_rows)
                 write_rows(tmp, layout, row, e[row - lo:end - lo], p[row - lo:end - lo])
                 row = end
+            progress.advance(len(e))
             del e, p
         if layout is None:
             raise ValueError(f"build_cache {path}: no captions to encode")

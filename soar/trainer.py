@@ -49,6 +49,7 @@ from soar.finetune import LoraConfig, make_optimizer, prepare_trainable, save_mo
 from soar.flow import sigma_grid
 from soar.latent_cache import LatentCache
 from soar.models.bundle import SD3Bundle
+from soar.progress import Progress
 from soar.rollout import SoarConfig
 from soar.snapshots import cpu_copy, remove_stale_temporaries, snapshot_folder, write_snapshot
 from soar.step import StepSettings, TextCond, training_step
@@ -183,10 +184,13 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
     dataset = ImageCaptionDataset(records, image_dir)
     if latents is not None:  # fill the latent cache once (each process its share), then read moments only
         todo = latents.missing(records)
+        progress = Progress(f"latent cache {latents.dir}", len(todo), unit="image", main=accelerator.is_main_process)
+        cached = f"({len(records) - len(todo)} of {len(records)} images cached before)"
+        progress.update(0, cached)  # a line before the encoding, one when every process is done
         latents.build(bundle.codec, dataset, todo[accelerator.process_index::accelerator.num_processes], device,
                       loop.train_batch_size)
         accelerator.wait_for_everyone()
-        accelerator.print(f"latent cache {latents.dir}: encoded {len(todo)} of {len(records)} images")
+        progress.update(len(todo), cached)
         dataset.latents = latents
     sampler = BucketBatchSampler([r.bucket for r in records], loop.train_batch_size, seed=loop.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)

@@ -38,6 +38,7 @@ from soar.data.jsonl import (
     read_training_records,
     write_jsonl,
 )
+from soar.progress import Progress
 
 QualityFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
@@ -135,7 +136,9 @@ def prepare_dataset(
                 report.drop(REASON_LOW_QUALITY, record.line, record.md5, message)
         pending.clear()
 
-    for record in records:
+    progress = Progress("prepare", len(records), unit="image")
+    for done, record in enumerate(records):
+        progress.update(done, f"{len(kept)} kept")  # the first line comes at once, naming the total
         path = record.image_path(image_dir)
         if not path.is_file():
             where = f"{jsonl_path}:{record.line}"
@@ -152,6 +155,7 @@ def prepare_dataset(
             flush()
     if pending:
         flush()
+    progress.update(len(records), f"{len(kept)} kept")
 
     lines = len(records) + len(problems)
     first_line: dict[str, int] = {}
