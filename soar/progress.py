@@ -30,10 +30,11 @@ def clock_text(seconds: float) -> str:
 
 
 def rate_text(seconds_per_item: float, unit: str) -> str:
-    """``2.31 s/step`` at a second per item or slower, ``14.2 step/s`` when faster."""
+    """``2.31 s/step`` at a second per item or slower, ``14.2 step/s`` (``1780 step/s``) when faster."""
     if seconds_per_item >= 1:
         return f"{seconds_per_item:.2f} s/{unit}"
-    return f"{1 / seconds_per_item:.3g} {unit}/s"
+    per_second = 1 / seconds_per_item
+    return f"{per_second:.{2 if per_second < 10 else 1 if per_second < 100 else 0}f} {unit}/s"
 
 
 class Progress:

@@ -33,8 +33,9 @@ def test_clock_and_rate_texts():
         "0:00", "0:59", "1:00", "3:51", "59:59", "1:00:00", "12:46:09", "0:00"]
     assert rate_text(2.31, "step") == "2.31 s/step"
     assert rate_text(1.0, "step") == "1.00 s/step"
-    assert rate_text(0.25, "image") == "4 image/s"
+    assert rate_text(0.25, "image") == "4.00 image/s"
     assert rate_text(1 / 14.2, "image") == "14.2 image/s"
+    assert rate_text(1 / 1783.4, "caption") == "1783 caption/s"  # never 1.78e+03
 
 
 def test_eta_and_rate_are_exact_on_a_fake_clock():
@@ -46,7 +47,7 @@ def test_eta_and_rate_are_exact_on_a_fake_clock():
     clock.now = 500.0
     assert progress.advance(150) == "pretrain:base step 250/20000 (1.2 %) 2.00 s/step, elapsed 8:20, ETA 10:58:20"
     clock.now = 540.0
-    assert progress.update(20000) == "pretrain:base step 20000/20000 (100.0 %) 37 step/s, elapsed 9:00, ETA 0:00"
+    assert progress.update(20000) == "pretrain:base step 20000/20000 (100.0 %) 37.0 step/s, elapsed 9:00, ETA 0:00"
 
 
 def test_lines_come_first_last_and_at_most_every_interval():
@@ -102,7 +103,7 @@ def test_start_none_counts_from_the_first_update():
     clock.now = 600.0  # set-up (and the steps before a resume) take 600 s: no rate yet
     assert progress.update(300, "loss=1") == "pretrain:base step 300/1000 (30.0 %) elapsed 10:00 loss=1"
     clock.now = 650.0  # 100 steps in 50 s
-    assert progress.update(400) == "pretrain:base step 400/1000 (40.0 %) 2 step/s, elapsed 10:50, ETA 5:00"
+    assert progress.update(400) == "pretrain:base step 400/1000 (40.0 %) 2.00 step/s, elapsed 10:50, ETA 5:00"
 
 
 def test_nothing_to_do_is_one_line():
