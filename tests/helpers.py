@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from soar.flow import FlowMatchingConfig
 from soar.rollout import SoarConfig
@@ -80,3 +84,19 @@ def write_launch_world(work, arch: dict, params_file) -> dict:
                           text_cache="cache/text.pt")
     params["model"].update(base_path="base", tiny=arch)
     return params
+
+
+def start_mlflow_server(store: str, cwd: Path, port: int, *extra: str) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``store``, started in ``cwd``, once it answers."""
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", store, "--workers", "1", *extra],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(240):  # the server needs a few seconds to start
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            time.sleep(0.5)
+    server.kill()
+    raise AssertionError(f"mlflow server on port {port} did not start in 120 s")

@@ -4,6 +4,7 @@ unreachable tracking server (fails in seconds, naming it) and a real `mlflow ser
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,17 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, start_mlflow_server
 
 from pipeline.config import MlflowConfig
-from pipeline.tracking import stage_run
+from pipeline.tracking import run_group, stage_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 OPEN_RUN = """
 import sys, time
 from pipeline.config import MlflowConfig
-from pipeline.tracking import stage_run
+from pipeline.tracking import run_group, stage_run
 cfg = MlflowConfig(tracking_uri=sys.argv[1], experiment="race")
 with stage_run(cfg, "score", sys.argv[2], {{"n": 1}}) as run:
     run.log_metrics({{"x": 1.0}})
@@ -53,7 +54,7 @@ def test_stages_creating_a_new_store_at_once_all_succeed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_left_running_by_a_dead_process_is_marked_killed(tmp_path, capsys):
+def test_a_run_left_running_by_a_dead_process_is_marked_failed(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed = python(OPEN_RUN.format(then="print('open', flush=True); time.sleep(600)"), uri, "base")
     assert killed.stdout.readline().strip() == "open", killed.stderr.read()
@@ -65,7 +66,58 @@ def test_a_run_left_running_by_a_dead_process_is_marked_killed(tmp_path, capsys)
         run.log_metrics({"x": 2.0})
     assert f"run {stale.info.run_id} (score:base) was left RUNNING" in capsys.readouterr().out
     status = {r.info.run_id: r.info.status for r in runs(uri, "race")}
-    assert status.pop(stale.info.run_id) == "KILLED" and list(status.values()) == ["FINISHED"]
+    assert status.pop(stale.info.run_id) == "FAILED" and list(status.values()) == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_by_sigterm_marks_its_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = python(OPEN_RUN.format(then="print('open', flush=True); time.sleep(600)"), uri, "base")
+    assert stopped.stdout.readline().strip() == "open", stopped.stderr.read()
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=60) == 143
+    (run,) = runs(uri, "race")
+    assert run.info.status == "FAILED" and run.data.metrics == {"x": 1.0}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process: untouched by the import
+
+
+def test_the_default_store_keeps_artifacts_relative_to_the_repository(tmp_path, monkeypatch):
+    """A store at the repository root gets the artifact root ``mlruns``: moving the folder moves the artifacts."""
+    import mlflow
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "table.md").write_text("| a |\n")
+    with stage_run(MlflowConfig(experiment="moved"), "report", "all", {}) as run:
+        run.log_artifact(tmp_path / "table.md", "tables")
+        run.set_description("## results")
+        run_id = run.run_id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    got = client.get_run(run_id)
+    assert client.get_experiment(got.info.experiment_id).artifact_location == "mlruns"
+    assert got.info.artifact_uri == f"mlruns/{run_id}/artifacts"
+    assert (tmp_path / got.info.artifact_uri / "tables" / "table.md").read_text() == "| a |\n"
+    assert got.data.tags["mlflow.note.content"] == "## results" and got.data.tags["run_group"].startswith("repro-")
+
+
+def test_a_store_outside_the_repository_keeps_absolute_artifact_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with stage_run(MlflowConfig(tracking_uri=uri, experiment="abs"), "score", "base", {}) as run:
+        artifact_uri = run._mlflow.get_artifact_uri()
+    assert artifact_uri.startswith((tmp_path / "repo" / "mlruns").as_uri())
+
+
+def test_run_group_is_the_dvc_experiment_or_a_digest_of_commit_and_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    first = run_group()
+    assert first == run_group() and first.startswith("repro-") and len(first) == len("repro-") + 7
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert run_group() != first
+    monkeypatch.setenv("DVC_EXP_NAME", "tawny-gaby")
+    assert run_group() == "tawny-gaby"
 
 
 def test_a_running_run_of_a_live_process_is_left_alone(tmp_path):
@@ -80,7 +132,7 @@ def test_a_running_run_of_a_live_process_is_left_alone(tmp_path):
         with stage_run(cfg, "score", "base", {}):
             pass
     status = {r.info.run_id: r.info.status for r in runs(uri, "live")}
-    assert status.pop(outer) == "RUNNING" and list(status.values()) == ["FINISHED"]  # not marked KILLED
+    assert status.pop(outer) == "RUNNING" and list(status.values()) == ["FINISHED"]  # not marked FAILED
 
 
 def test_an_unreachable_server_fails_in_seconds_naming_it():
@@ -96,19 +148,10 @@ def test_an_unreachable_server_fails_in_seconds_naming_it():
 @pytest.mark.slow
 def test_a_real_server_on_localhost_gets_the_run(tmp_path):
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = start_mlflow_server(f"sqlite:///{tmp_path / 'srv.db'}", tmp_path, port,
+                                 "--default-artifact-root", str(tmp_path / "artifacts"))
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # the server needs a few seconds to start
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-2000:]
-                time.sleep(0.5)
         with stage_run(MlflowConfig(tracking_uri=uri, experiment="served"), "score", "base", {"a": 1}) as run:
             run.log_metrics({"geneval": 0.5})
         (served,) = runs(uri, "served")

@@ -227,12 +227,12 @@ def bounded_memory(limit_gb: float) -> Callable[[Path, str], str | None]:
     return check
 
 
-def marked_killed(work: Path, output: str) -> str | None:
+def marked_failed(work: Path, output: str) -> str | None:
     import mlflow
 
     run_id = (work / "stale_run").read_text()
     status = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(run_id).info.status
-    return None if status == "KILLED" and "marked KILLED" in output else f"stale run is {status}"
+    return None if status == "FAILED" and "marked FAILED" in output else f"stale run is {status}"
 
 
 def free_port() -> int:
@@ -305,8 +305,8 @@ def cases() -> list[Case]:
         Case("a snapshot missing from the curve", ["dynamics", "sft"], prepare=snapshot_gap,
              expect="the snapshots of steps [3] are missing"),
         Case("a run left RUNNING by a killed stage", ["synth"], prepare=stale_run,
-             handled="the stale run is marked KILLED, and the stage says so",
-             check=marked_killed),
+             handled="the stale run is marked FAILED, and the stage says so",
+             check=marked_failed),
         Case("no space for the weights (file-size limit)", train, shell_prefix="ulimit -f 3000;",
              expect="while writing data/models/sft/"),
     ]
