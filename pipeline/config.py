@@ -244,7 +244,11 @@ class MlflowConfig:
 
     experiment: str = "soar"  # MLflow experiment name
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI or sqlite mlflow.db at the repo root
-    log_images: bool = True  # log sample images and the grid as artifacts
+    log_images: bool = True  # log each sample run's per-set grid (prompts under the images) as artifacts
+    grid_images: int = 24  # images in each of those grids: image 0 of the first prompts of the set
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "grid_images")
 
 
 @dataclass(frozen=True)

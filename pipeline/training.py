@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from PIL import Image
 
 from pipeline.config import Config
+from pipeline.grids import captioned_grid
 from pipeline.tracking import StageRun, interrupted_run, stage_run
 from soar.checkpoint import resolve_resume
 from soar.data.dataset import unusable_buckets
@@ -28,7 +28,6 @@ from soar.rollout import SoarConfig
 from soar.text_cache import free_text_encoders, load_cache
 from soar.train_config import TrainConfig
 from soar.trainer import train
-from soar.validation import image_grid
 
 VALIDATION_DIR = "validation"  # MLflow artifact folder of the validation grids
 
@@ -68,12 +67,13 @@ def make_accelerator(t: TrainConfig) -> Accelerator:
     return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
 
 
-def validation_logger(run, stage: str, method: str):
-    """Callback saving each step's validation images as one grid, ``validation/step_XXXXXX.png`` in MLflow."""
+def validation_logger(run, stage: str, method: str, prompts: tuple[str, ...]):
+    """Callback saving each step's validation images ``[N, H, W, 3]`` as one grid with ``prompts`` under them,
+    ``validation/step_XXXXXX.png`` in MLflow."""
     def on_validation(images: np.ndarray, step: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"step_{step:06d}.png"
-            Image.fromarray(image_grid(images)).save(path)
+            captioned_grid(list(images), list(prompts), title=f"{stage}:{method} step {step}").save(path)
             run.log_artifact(path, VALIDATION_DIR)
         print(f"{stage}:{method} validation at step {step}: {len(images)} images -> {VALIDATION_DIR}/{path.name}",
               flush=True)
@@ -139,7 +139,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
             progress.update(step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
         final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
-                      on_validation=validation_logger(run, stage, method), latents=latents,
+                      on_validation=validation_logger(run, stage, method, t.validation_prompts), latents=latents,
                       dataloader_num_workers=dataloader_num_workers)
     accelerator.end_training()
     return final

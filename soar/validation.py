@@ -10,8 +10,6 @@ generator, so turning validation on does not change the trained weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from soar.euler import image_seed, sample_embeds, sampling_sigmas
@@ -34,15 +32,3 @@ def validation_images(bundle, transformer, table, cfg: ValidationConfig) -> np.n
     finally:
         transformer.train(was_training)
 
-
-def image_grid(images: np.ndarray | Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Images ``[N, H, W, 3]`` side by side (``columns`` per row, default all in one row), white gaps."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    cols = min(columns or n, n)
-    rows = -(-n // cols)
-    grid = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = img
-    return grid

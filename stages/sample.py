@@ -12,12 +12,15 @@ and logs to MLflow; the other processes never open a run.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
+from pipeline.grids import captioned_grid
+from pipeline.sample_layout import load_image
 from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
 from pipeline.tracking import stage_run
 from soar.models.geometry import check_side, pixel_multiple
@@ -47,7 +50,7 @@ def main(model: str) -> None:
                            text_encoder_dtype=cfg.model.text_encoder_dtype)
         seconds = time.perf_counter() - tic
         if state.is_main_process:
-            finish(run, sets, log_images=cfg.mlflow.log_images)
+            finish(run, sets, grid_images=cfg.mlflow.grid_images if cfg.mlflow.log_images else 0)
             run.log_metrics({"images_sampled": made, "sampling_seconds": seconds, "processes": state.num_processes})
             print(f"sample {model}: {made} new images, {total} in all, {seconds:.1f} s on "
                   f"{state.num_processes} process(es)", flush=True)
@@ -55,14 +58,19 @@ def main(model: str) -> None:
     state.destroy_process_group()
 
 
-def finish(run, sets: dict[str, SetPlan], log_images: bool) -> None:
-    """Main process, after all processes: check every image is there, write the indexes, log to MLflow."""
+def finish(run, sets: dict[str, SetPlan], grid_images: int) -> None:
+    """Main process, after all processes: check every image is there, write the indexes, log to MLflow
+    (per set: its image count, and a grid of image 0 of its first ``grid_images`` prompts, captioned)."""
     complete_sets(sets)
     for set_name, (set_dir, entries) in sets.items():
         run.log_metrics({f"{set_name}/images": len(entries)})
-        if log_images:
-            run.log_artifact(set_dir / entries[0]["path"], artifact_path=f"samples/{set_name}")
-
+        if grid_images:
+            shown = [e for e in entries if e["image_index"] == 0][:grid_images]
+            grid = captioned_grid([load_image(set_dir / e["path"]) for e in shown], [e["prompt"] for e in shown],
+                                  title=f"{set_name}: image 0 of the first {len(shown)} prompts")
+            with tempfile.TemporaryDirectory() as tmp:
+                grid.save(Path(tmp) / f"{set_name}.png")
+                run.log_artifact(Path(tmp) / f"{set_name}.png", artifact_path="samples")
 
 if __name__ == "__main__":
     run_main("sample", main, sys.argv[1] if len(sys.argv) > 1 else "")

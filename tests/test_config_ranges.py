@@ -55,7 +55,7 @@ BAD = {
     "study.seeds": [0, -1], "study.lambda_aux": [0.5, 0.0], "study.trajectory_length": [0],
     "study.sampling_steps": [0], "study.heldout_images": 0, "study.drift_starts": [-1], "study.drift_max_k": 0,
     "study.drift_seed": -1, "study.confidence": 1.0,
-    "launch.num_processes": 0, "launch.num_machines": 0,
+    "launch.num_processes": 0, "launch.num_machines": 0, "mlflow.grid_images": 0,
 }
 
 

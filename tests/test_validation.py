@@ -6,18 +6,18 @@ import dataclasses
 from unittest import mock
 
 import numpy as np
-import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
 from test_text_cache import LOOP, RECORDS, SOAR, open_cache, world  # noqa: F401  (world: shared fixture)
 
+from pipeline.grids import captioned_grid
 from pipeline.training import validation_logger
 from soar.models.bundle import load_bundle
 from soar.text_cache import build_cache
 from soar.train_config import ValidationConfig
 from soar.trainer import train
-from soar.validation import image_grid, validation_images
+from soar.validation import validation_images
 
 PROMPTS = ("a photo of a red circle", "a photo of a green triangle")
 SETTINGS = ValidationConfig(validation_steps=2, validation_prompts=PROMPTS, validation_num_inference_steps=3,
@@ -70,7 +70,7 @@ def test_validation_off_or_without_prompts():
     assert SETTINGS.validation_due(4) and not SETTINGS.validation_due(3)
 
 
-def test_logger_writes_one_grid_per_step():
+def test_logger_writes_one_captioned_grid_per_step():
     images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
     saved = []
 
@@ -78,13 +78,9 @@ def test_logger_writes_one_grid_per_step():
         def log_artifact(self, path, artifact_path=None):
             saved.append((path.name, artifact_path, np.asarray(Image.open(path))))
 
-    validation_logger(FakeRun(), "train", "soar")(images, 100)
+    prompts = ("a red circle", "a blue square", "a sign")
+    validation_logger(FakeRun(), "train", "soar", prompts)(images, 100)
     (name, folder, grid), = saved
     assert (name, folder) == ("step_000100.png", "validation")
-    assert grid.shape == (4, 3 * 4 + 2 * 2, 3) and np.array_equal(grid, image_grid(images))
-    assert (grid[:, 4:6] == 255).all() and (grid[:, :4] == 10).all()
-
-
-@pytest.mark.parametrize("n,cols,shape", [(4, 2, (2 * 8 + 2, 2 * 8 + 2, 3)), (3, None, (8, 3 * 8 + 4, 3))])
-def test_image_grid_shapes(n, cols, shape):
-    assert image_grid(np.zeros((n, 8, 8, 3), np.uint8), columns=cols).shape == shape
+    expected = np.asarray(captioned_grid(list(images), list(prompts), title="train:soar step 100"))
+    assert np.array_equal(grid, expected)
