@@ -62,12 +62,14 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]):
             points = [(r[STEP], r[metric]) for r in rows if metric in r]
             ax.plot(*zip(*points, strict=True), marker="o", label=ROW_NAMES.get(method, method))
         ax.set_title(header(metric))
-        ax.set_xlabel("step (0 = base)")
+        ax.set_xlabel("training step (0 = base model)")
+        ax.set_ylabel(header(metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         fig.delaxes(ax)
     axes[0].legend()
+    fig.suptitle("Reward vs training step: the snapshots of SFT and SOAR sampled and scored like the final models")
     return fig
 
 

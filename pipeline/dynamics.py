@@ -7,7 +7,7 @@ same seeds, steps, CFG, batches; on any number of processes, resumable) into
 (``pipeline.evaluation``). ``dynamics.max_prompts_per_set`` keeps that many prompts of each set, evenly
 spaced in file order, each with the seed it has in the full set.
 
-Step 0 is the base model, never sampled again: its ``metrics.json`` from the score stage when every
+Step 0 is the base model, never sampled again: its ``all_metrics.json`` from the score stage when every
 prompt is evaluated, else its per-image ``scores.jsonl`` records of the kept prompts, aggregated by the
 same scorers.
 """
@@ -111,7 +111,7 @@ def base_point(score_dir: Path, cfg, scorers: Mapping[str, Scorer] | None) -> di
     ``dynamics.max_prompts_per_set`` is set.
     """
     if cfg.dynamics.max_prompts_per_set is None:
-        path = score_dir / "metrics.json"
+        path = score_dir / "all_metrics.json"  # every metric, as score_snapshots reports them
         if not path.is_file():
             raise FileNotFoundError(f"base metrics not found: {path} (run score@base)")
         return json.loads(path.read_text())

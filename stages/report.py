@@ -1,4 +1,10 @@
-"""Stage `report`: results.md / results.csv (the paper's table layout), grid.png and dynamics.png (reward vs step)."""
+"""Stage `report`: results.md / results.csv (the paper's table layout), grid.png and dynamics.png (reward vs step).
+
+Its MLflow run, ``results``, is where a reader finds the answer: the results table is the run's description
+(its Overview page), the files are its artifacts, and the experiment's saved views (``pipeline.mlflow_views``:
+base / SFT / SOAR side by side, training curves) are refreshed for the metrics this profile scores. The
+links are printed at the end.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +12,69 @@ import json
 from pathlib import Path
 
 from pipeline.curves import read_curve, save_curves_png
-from pipeline.report import MODELS, comparison_grid, results_table
-from pipeline.tracking import stage_run
+from pipeline.mlflow_views import RESULTS_VIEW, TRAINING_VIEW, install_views, run_url, view_url
+from pipeline.report import MODELS, columns, comparison_grid, results_table
+from pipeline.tracking import run_group, stage_run
 from stages.common import declared, load, run_main
+from stages.score import ALL_METRICS
 
 PARAMS = ("sample", "score", "dynamics", "mlflow")
 DYNAMICS = ("sft", "soar")  # the training runs with reward-vs-step curves
 OUT = Path("data/report")
+FILES = ("results.md", "results.csv", "grid.png", "dynamics.png")
+UI = "http://127.0.0.1:5000"  # where the README's `mlflow server` command serves the UI
+
+
+def read_metrics(score_dir: Path, name: str) -> dict[str, dict[str, float]]:
+    """``{model: metrics}`` from each model's ``name`` file under ``score_dir``; a missing one names its stage."""
+    out = {}
+    for m in MODELS:
+        path = score_dir / m / name
+        if not path.is_file():
+            raise FileNotFoundError(f"metrics not found: {path} (run score@{m})")
+        out[m] = json.loads(path.read_text())
+    return out
+
+
+def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str]) -> str:
+    """The results run's description: the headline table, the other metrics' table, then where the rest is."""
+    main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()})
+    others = {m: {k: x for k, x in v.items() if k not in headline} for m, v in metrics.items()}
+    rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others)[0]}\n"
+            if any(others.values()) else "")
+    return (f"## {title}\n\n{main}\n{rest}"
+            f"Run group `{run_group()}`. Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` "
+            "(the same prompts and seeds for the three models), `dynamics.png` (reward vs training step). Views of "
+            "this experiment: *base / SFT / SOAR* (the score runs side by side), *training curves*.\n")
 
 
 def main() -> None:
     cfg = load(PARAMS)
-    metrics = {}
-    for m in MODELS:
-        path = Path(cfg.score.out_dir) / m / "metrics.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"metrics not found: {path} (run score@{m})")
-        metrics[m] = json.loads(path.read_text())
+    score_dir = Path(cfg.score.out_dir)
+    metrics = read_metrics(score_dir, ALL_METRICS)
+    headline = columns(read_metrics(score_dir, "metrics.json"))  # the scorers' own metrics, paper order
     md, csv_text = results_table(metrics)
     OUT.mkdir(parents=True, exist_ok=True)
     tiny = cfg.score.geneval_backend == "tiny"  # the tiny world's exact detector: its metrics are the tiny world's
-    (OUT / "results.md").write_text(f"# Results{' (tiny-world metrics; see README)' * tiny}\n\n" + md)
+    title = f"Results{' (tiny-world metrics; see README)' * tiny}"
+    (OUT / "results.md").write_text(f"# {title}\n\n" + md)
     (OUT / "results.csv").write_text(csv_text)
     grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts)
     grid.save(OUT / "grid.png")
     curves = {m: read_curve(Path(cfg.dynamics.out_dir) / f"{m}.csv") for m in DYNAMICS}
     save_curves_png(curves, OUT / "dynamics.png")
     print(md)
-    with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS)) as run:
-        for m, values in metrics.items():
-            run.log_metrics({f"{m}/{k}": v for k, v in values.items()})
-        for name in ("results.md", "results.csv", "grid.png", "dynamics.png"):
+    with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS), run_name="results") as run:
+        run.set_description(description(title, metrics, headline))
+        run.log_metrics({f"results/{m}/{k}": metrics[m][k] for m in MODELS for k in headline if k in metrics[m]})
+        for name in FILES:
             run.log_artifact(OUT / name)
+        if run.active:
+            install_views(run.client, run.experiment_id, headline)
+            print(f"MLflow (after `mlflow server --backend-store-uri sqlite:///mlflow.db`, at the repository root):\n"
+                  f"  results run:       {run_url(UI, run.experiment_id, run.run_id)}\n"
+                  f"  base / SFT / SOAR: {view_url(UI, run.experiment_id, RESULTS_VIEW)}\n"
+                  f"  training curves:   {view_url(UI, run.experiment_id, TRAINING_VIEW, charts=True)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def direct_metrics(model_dir: Path, transformer: Path | None, prompt_indices: di
 def test_curve_rows_equal_direct_scores_of_each_snapshot(work):
     rows = read_curve(work / "dynamics" / "soar.csv")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert rows[0] == {"step": 0, **json.loads((work / "scores" / "base" / "metrics.json").read_text())}
+    assert rows[0] == {"step": 0, **json.loads((work / "scores" / "base" / "all_metrics.json").read_text())}
     everything = {"geneval": list(range(len(GENEVAL))), "ocr": list(range(len(OCR)))}
     for step, transformer in list_snapshots(work / "models" / "soar"):
         assert rows[step] == {"step": step, **direct_metrics(work / "model", transformer, everything)}, step
@@ -159,7 +159,7 @@ def test_no_snapshots_gives_the_base_point_only(work, capsys):
     run_stage(work, "params_None.yaml", stages.dynamics.main, "sft")  # no models/sft at all
     assert "no snapshots" in capsys.readouterr().out
     rows = read_curve(work / "dynamics" / "sft.csv")
-    assert rows == [{"step": 0, **json.loads((work / "scores" / "base" / "metrics.json").read_text())}]
+    assert rows == [{"step": 0, **json.loads((work / "scores" / "base" / "all_metrics.json").read_text())}]
 
 
 def test_a_gap_in_the_snapshots_stops_the_stage(work):
