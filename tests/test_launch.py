@@ -56,9 +56,8 @@ def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
     assert proc.returncode == 0, out[-5000:]
     ranks = {p.name for p in work.glob("logs/*/attempt_0/*") if p.is_dir()}
     assert ranks == {"0", "1"}, ranks  # torchrun started two local workers
-    assert "[default1]:" in out  # rank 1 wrote output (the model loading) ...
     steps = [line for line in out.splitlines() if "train:soar step " in line]
-    assert len(steps) == 3 and all(line.startswith("[default0]:") for line in steps), steps  # ... rank 0 logs
+    assert len(steps) == 3 and all(line.startswith("[default0]:") for line in steps), steps  # rank 0 logs
     shown = [line for line in out.splitlines() if "validation at step" in line]
     assert len(shown) == 1 and shown[0].startswith("[default0]:"), shown  # step 2, rank 0 only
 
