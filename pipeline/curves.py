@@ -1,7 +1,7 @@
 """Training-dynamics curves: the CSV the dynamics stage writes and the figure the report draws.
 
 ``{dynamics.out_dir}/{method}.csv``: a ``step`` column (0 = the base model), then one column per
-metric, named as in the score stage's ``metrics.json``, in the results table's order; a metric a step
+metric, named as in the score stage's ``all_metrics.json``, in the results table's order; a metric a step
 lacks is an empty cell. Values are written in full precision (Python's shortest round-trip repr).
 """
 
