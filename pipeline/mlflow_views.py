@@ -46,7 +46,7 @@ def base_state(search_filter: str) -> dict:
 def results_state(metrics: Sequence[str]) -> dict:
     """Score runs with the columns ``model``, ``run_group`` and ``metrics``, grouped by ``run_group``."""
     state = base_state('tags.stage = "score"')
-    state.update(orderByKey="attributes.run_name", orderByAsc=True)  # score:base, score:sft, score:soar
+    state.update(orderByKey="tags.`mlflow.runName`", orderByAsc=True)  # by run name: score:base, :sft, :soar
     state["selectedColumns"] = [column("tags", "method"), *(column("metrics", m) for m in metrics)]
     state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "run_group"}]}
     return state

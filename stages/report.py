@@ -37,16 +37,16 @@ def read_metrics(score_dir: Path, name: str) -> dict[str, dict[str, float]]:
 
 
 def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str]) -> str:
-    """The results run's description: the headline table, the other metrics' table, then where the rest is."""
+    """The results run's description: the headline table first (the Overview shows the first lines until
+    "Show more"), then the title, the other metrics' table and where the rest is."""
     main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()})
     others = {m: {k: x for k, x in v.items() if k not in headline} for m, v in metrics.items()}
     rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others)[0]}\n"
             if any(others.values()) else "")
-    return (f"## {title}\n\n{main}\n{rest}"
-            f"Run group `{run_group()}`. Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` "
-            "(the same prompts and seeds for the three models), `dynamics.png` (reward vs training step). Views of "
-            "this experiment: *base / SFT / SOAR* (the score runs side by side), *training curves*.\n")
-
+    return (f"{main}\n**{title}**, run group `{run_group()}`.\n\n{rest}"
+            "Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` (the same prompts and seeds for "
+            "the three models), `dynamics.png` (reward vs training step). Views of this experiment: *base / SFT / "
+            "SOAR* (the score runs side by side), *training curves*.\n")
 
 def main() -> None:
     cfg = load(PARAMS)

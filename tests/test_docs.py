@@ -53,3 +53,12 @@ def test_prompt_sets_table_matches_the_fetch_table():
                       PROMPT_SETS.read_text(), re.M)
     table = {name: (repo, commit, path, int(lines), sha) for name, repo, commit, path, lines, sha in rows}
     assert table == {name: (f.repo, f.commit, f.path, f.lines, f.sha256) for name, f in FILES.items()}
+
+
+def test_every_local_link_and_picture_of_the_markdown_files_exists():
+    broken = []
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[\w-]*)?\)", path.read_text()):
+            if not target.startswith(("http://", "https://")) and not (path.parent / target).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, broken

@@ -14,7 +14,7 @@ def test_results_view_shows_score_runs_with_their_metrics_grouped_by_run_group()
     assert state["searchFilter"] == 'tags.stage = "score"'
     assert state["selectedColumns"] == ["tags.`method`", "metrics.`geneval`", "metrics.`ocr`", "metrics.`pickscore`"]
     assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "run_group"}]
-    assert state["orderByKey"] == "attributes.run_name" and state["orderByAsc"] is True  # base, sft, soar
+    assert state["orderByKey"] == "tags.`mlflow.runName`" and state["orderByAsc"] is True  # base, sft, soar
 
 
 def test_training_view_charts_training_curves_then_reward_vs_step_then_scores():
