@@ -50,7 +50,7 @@ def two_process_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
+def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run, monkeypatch):
     work, proc = two_process_run
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
@@ -69,6 +69,7 @@ def test_two_gloo_processes_train_and_only_rank0_logs(two_process_run):
     assert len(runs) == 1  # one run: only the main process opened one
     history = client.get_metric_history(runs[0].info.run_id, "loss_aux")
     assert sorted(m.step for m in history) == [1, 2, 3]
+    monkeypatch.chdir(work)  # the store is at the repository root: its artifact paths are relative to it
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "validation")] == ["validation/step_000002.png"]
 
 
