@@ -64,8 +64,9 @@ def chart(uuid: str, section: str, metric: str, kind: str) -> dict:
 
 
 def training_state(metrics: Sequence[str]) -> dict:
-    """Charts in three sections, in this order: training curves, reward vs step of ``metrics``, final scores."""
-    state = base_state("")
+    """Charts in three sections, in this order: training curves, reward vs step of ``metrics``, final scores.
+    Pretraining is filtered out (its thousands of steps would squeeze the post-training curves to one edge)."""
+    state = base_state('tags.stage != "pretrain"')
     sections = [("training", "Training", [(m, "LINE") for m in TRAINING_METRICS]),
                 ("curves", "Reward vs step", [(CURVE_PREFIX + m, "LINE") for m in metrics]),
                 ("scores", "Scores (final models)", [(m, "BAR") for m in metrics])]

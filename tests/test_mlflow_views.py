@@ -19,6 +19,7 @@ def test_results_view_shows_score_runs_with_their_metrics_grouped_by_run_group()
 
 def test_training_view_charts_training_curves_then_reward_vs_step_then_scores():
     state = training_state(["geneval", "ocr"])
+    assert state["searchFilter"] == 'tags.stage != "pretrain"'
     assert [s["name"] for s in state["compareRunSections"]] == ["Training", "Reward vs step", "Scores (final models)"]
     ids = [s["uuid"] for s in state["compareRunSections"]]
     order = sorted(state["compareRunCharts"], key=lambda c: ids.index(c["metricSectionId"]))
