@@ -115,7 +115,7 @@ class StageRun:
         if not self.active:
             return
         local = local_artifact_dir(self._mlflow.get_artifact_uri())
-        if local is None:  # a remote artifact store: MLflow uploads
+        if local is None:  # not the relative root: MLflow's artifact repository writes or uploads it
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
             return
         dest = local / (artifact_path or "")
@@ -129,15 +129,12 @@ class StageRun:
 
 
 def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The folder of a run's artifacts on this machine: a relative URI (``mlruns/<run>/artifacts``, the default
-    store's) is relative to the repository root; a ``file:`` URI or plain path is itself; None for remote stores."""
-    parsed = urllib.parse.urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(urllib.parse.unquote(parsed.path))
-    if parsed.scheme:
+    """The folder of a run's artifacts when its URI is relative (the default store's ``mlruns/<run>/artifacts``):
+    under the repository root, where MLflow would resolve it against the working directory. None for every other
+    URI (``file:``, absolute paths, remote stores), which MLflow's own artifact repositories handle."""
+    if urllib.parse.urlparse(artifact_uri).scheme or Path(artifact_uri).is_absolute():
         return None
-    path = Path(artifact_uri)
-    return path if path.is_absolute() else repo_root() / path
+    return repo_root() / artifact_uri
 
 
 def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
