@@ -1,5 +1,6 @@
 """CLIP-based scorers (clipscore, pickscore, aesthetic) on tiny random CLIP checkpoints, plus the shared
-CLIP image preprocessing against transformers' reference processor."""
+CLIP image preprocessing against each reference: transformers' PIL processor (PickScore, Aesthetic) and
+Flow-GRPO's torchvision transform on float tensors (ClipScore)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPImageProcessorPil, 
 from soar.models.tiny import build_clip_tokenizer
 from soar.rewards import build_scorer
 from soar.rewards.clip_scores import AESTHETIC_MLP_LAYOUT, AestheticMLP
-from soar.rewards.images import clip_pixels, resize_center_crop
+from soar.rewards.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_pixels, clip_transform, resize_center_crop
 
 SIZE = 32  # tiny CLIP input side
 WORDS = ["a", "photo", "of", "red", "blue", "cat", "dog", "on", "the", "table"]
@@ -72,6 +73,33 @@ def _reference_embeddings(model_dir, proc_dir, images, prompts=None):
     return model, img / img.norm(dim=-1, keepdim=True), txt
 
 
+def _flow_grpo_transform(size: int, crop: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """Flow-GRPO's clip_scorer.py transform: torchvision Resize(shortest edge) (tensor input: bilinear, antialias),
+    CenterCrop((crop, crop)), Normalize, composed and applied to the float [0, 1] batch."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size), T.CenterCrop((crop, crop)), T.Normalize(mean=mean, std=std)])
+
+
+def _as_float_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in [0, 1], as Flow-GRPO's reward function converts arrays."""
+    return torch.tensor(images.transpose(0, 3, 1, 2), dtype=torch.uint8) / 255.0
+
+
+def _flow_grpo_cosines(model_dir, images, prompts):
+    """float64 cosines by Flow-GRPO's ClipScorer recipe: its transform, prompts padded to 77 tokens, one CLIPModel
+    forward; ``logits_per_image.diagonal()`` over ``logit_scale.exp()`` (Flow-GRPO divides by 30 instead)."""
+    model = CLIPModel.from_pretrained(model_dir).double().eval()
+    proc = CLIPImageProcessorPil.from_pretrained(model_dir)
+    tform = _flow_grpo_transform(proc.size["shortest_edge"], proc.crop_size["height"], proc.image_mean, proc.image_std)
+    texts = CLIPTokenizer.from_pretrained(model_dir)(prompts, padding="max_length", truncation=True,
+                                                     return_tensors="pt")
+    assert texts["input_ids"].shape[1] == 77
+    with torch.no_grad():
+        out = model(pixel_values=tform(_as_float_batch(images)).double(), **texts)
+        return out.logits_per_image.diagonal() / model.logit_scale.exp()
+
+
 def _images(seed=0, shapes=((37, 53), (64, 48), (32, 32))):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
@@ -104,16 +132,46 @@ def test_round_crop_offset_matches_torchvision_center_crop():
                                                                                           crop_offset="round"))
 
 
+FLOAT_SHAPES = ((512, 512), (512, 768), (768, 512), (601, 333), (225, 300), (224, 401), (300, 225), (57, 91))
+
+
+@pytest.mark.parametrize(("size", "crop"), [(224, 224), (32, 32), (40, 32)])
+def test_float_pixels_equal_flow_grpos_torchvision_transform(size, crop):
+    """Square 512, non-square both ways, margins odd and even, no-resize (short side == size) and upscaled."""
+    ours = clip_transform("torchvision_float", size, crop)
+    reference = _flow_grpo_transform(size, crop)
+    rng = np.random.default_rng(size + crop)
+    for h, w in FLOAT_SHAPES:
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        torch.testing.assert_close(ours(images, "cpu"), reference(_as_float_batch(images)), atol=1e-6, rtol=0)
+    mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((300, 400), (512, 512), (300, 400), (91, 57))]
+    got = ours(mixed, "cpu")  # one call per size, rows back in input order
+    expected = torch.cat([reference(_as_float_batch(im[None])) for im in mixed])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert ours(np.zeros((0, 64, 64, 3), np.uint8), "cpu").shape == (0, 3, crop, crop)
+
+
+def test_the_pil_path_is_not_flow_grpos_transform():
+    """The transformers PIL path (bicubic on uint8, then scale) differs from the float one: the test above can fail."""
+    images = np.random.default_rng(7).integers(0, 256, (2, 512, 512, 3), dtype=np.uint8)
+    reference = _flow_grpo_transform(224, 224)(_as_float_batch(images))
+    assert (clip_pixels(images, 224) - reference).abs().max() > 0.05
+    assert (clip_transform("transformers_pil", 224, 224)(images, "cpu") - reference).abs().max() > 0.05
+
+
 def test_clipscore_is_cosine_and_deterministic(folders):
     scorer = build_scorer("clipscore", checkpoints={"clip_vit_l14": str(folders / "clip")})
+    assert scorer.encoder.preprocessing == "torchvision_float"
     images = _batch()
     records = scorer.score(images, PROMPTS, [{}] * 3)
     assert len(records) == 3 and all(type(r.score) is float for r in records)
     assert [r.score for r in scorer.score(images, PROMPTS, [{}] * 3)] == [r.score for r in records]
-    _, img, txt = _reference_embeddings(folders / "clip", folders / "clip", images, PROMPTS)
-    expected = (img * txt).sum(-1)
-    assert torch.allclose(torch.tensor([r.score for r in records], dtype=torch.float64), expected, atol=1e-5)
+    expected = _flow_grpo_cosines(folders / "clip", images, PROMPTS)
+    got = torch.tensor([r.score for r in records], dtype=torch.float64)
+    assert torch.allclose(got, expected, atol=1e-5)
     assert scorer.aggregate(records)["clipscore"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    _, img, txt = _reference_embeddings(folders / "clip", folders / "clip", images, PROMPTS)
+    assert not torch.allclose(got, (img * txt).sum(-1), atol=1e-4)  # the transformers PIL preprocessing differs
 
 
 def test_pickscore_is_logit_scale_times_cosine(folders):

@@ -1,22 +1,30 @@
 """CLIP-based scorers (transformers ``CLIPModel``): ClipScore, PickScore, LAION aesthetic.
 
 All three load through ``load_clip`` (one path: ``CLIPModel.from_pretrained`` in eval mode on the
-configured device/dtype, ``CLIPTokenizer`` and the folder's preprocessor config) and preprocess
-images with ``soar.rewards.images.clip_pixels`` (equal to transformers' PIL-backend
-``CLIPImageProcessorPil``, the reference the published numbers used; see that module). A call runs
-one image forward for all its images and one text forward for its distinct prompts (truncated to
-the model's 77 tokens). Embeddings are L2-normalised in float32 whatever the model dtype.
+configured device/dtype, ``CLIPTokenizer`` and the folder's preprocessor config: sizes, mean/std) and
+preprocess images as their reference does (``soar.rewards.images``, chosen once at load):
 
-- ``clipscore``: cosine(text, image) of openai/clip-vit-large-patch14 (~0.29 in the tables).
-- ``pickscore``: ``logit_scale.exp() * cosine`` of PickScore_v1 (~22 in the tables).
+- ``clipscore``: cosine(text, image) of openai/clip-vit-large-patch14 (~0.29 in the tables). Images
+  as Flow-GRPO's clip_scorer.py: torchvision ``Resize`` (bilinear, antialias) / ``CenterCrop`` /
+  ``Normalize`` on the float [0, 1] batch (``"torchvision_float"``). Flow-GRPO's reward is
+  ``logit_scale.exp() * cosine / 30`` (100 / 30 times the cosine for this model) and pads prompts to
+  77 tokens; we report the cosine, as the tables do, and pad to the longest prompt (the causal text
+  model pools at the first end token, which no padding reaches: equal to float rounding).
+- ``pickscore``: ``logit_scale.exp() * cosine`` of PickScore_v1 (~22 in the tables); images as
+  transformers' PIL-backend ``CLIPImageProcessorPil`` (``"transformers_pil"``), the processor
+  PickScore's model card and Flow-GRPO's pickscore_scorer.py use.
 - ``aesthetic``: LAION improved aesthetic predictor, an MLP on the L2-normalised ViT-L/14 image
-  embedding (~5.4); prompt-free. ``AestheticScorer.predict`` is a ``soar.data.prepare`` quality_fn.
+  embedding (~5.4); prompt-free; images as ``pickscore``. ``AestheticScorer.predict`` is a
+  ``soar.data.prepare`` quality_fn.
+
+A call runs one image forward for all its images and one text forward for its distinct prompts
+(truncated to the model's 77 tokens). Embeddings are L2-normalised in float32 whatever the model dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from soar.rewards.base import Scorer, ScoreRecord, register
-from soar.rewards.images import clip_pixels
+from soar.rewards.images import CLIP_TRANSFORMS, ClipTransform, Images, clip_transform
 from soar.rewards.weights import PARAM_PREFIX, locate, torch_dtype
 
 # Hub ids: docs/method.md#preference-and-quality-scores (ClipScore / Aesthetic backbone; PickScore model
@@ -54,6 +62,7 @@ MODEL_FILES = ("config.json",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # a model folder holds one of these
 PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
+CLIPSCORE_PREPROCESSING = "torchvision_float"  # Flow-GRPO's clip_scorer.py: torchvision on float tensors
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -68,7 +77,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ClipEncoder:
-    """A ``CLIPModel`` (eval, no grad) with its tokenizer (None: images only) and preprocessing."""
+    """A ``CLIPModel`` (eval, no grad) with its tokenizer (None: images only) and image preprocessing:
+    the processor config's sizes and mean/std, applied as reference ``preprocessing`` does
+    (``images.CLIP_TRANSFORMS``; the function is built once, here)."""
 
     model: Any
     tokenizer: Any
@@ -76,17 +87,22 @@ class ClipEncoder:
     crop: int  # centre crop side
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resample: Image.Resampling
+    resample: Image.Resampling  # PIL resampling of the PIL references
+    preprocessing: str = "transformers_pil"  # one of images.CLIP_TRANSFORMS
+    pixels: ClipTransform = field(init=False, repr=False)  # (images, device) -> model input, from the above
+
+    def __post_init__(self) -> None:
+        self.pixels = clip_transform(self.preprocessing, self.size, self.crop, self.mean, self.std, self.resample)
 
     @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    def embed_images(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    def embed_images(self, images: Images) -> torch.Tensor:
         """uint8 RGB ``[N, H, W, 3]`` (or N arrays) -> unit float32 embeddings ``[N, D]`` (one forward)."""
-        pixels = clip_pixels(images, self.size, self.mean, self.std, self.resample, crop=self.crop)
+        pixels = self.pixels(images, self.device)
         with torch.inference_mode():
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
+            out = self.model.get_image_features(pixel_values=pixels.to(self.model.dtype))
         return _normalise(_features(out))
 
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -104,9 +120,12 @@ class ClipEncoder:
 
 
 def load_clip(model_path: str, processor_path: str | None = None, *, device: str = "cpu",
-              dtype: str = "float32", text: bool = True) -> ClipEncoder:
+              dtype: str = "float32", text: bool = True, preprocessing: str = "transformers_pil") -> ClipEncoder:
     """CLIPModel from ``model_path``; tokenizer and preprocessor config from ``processor_path``
-    (default ``model_path``); local folders or hub ids."""
+    (default ``model_path``); local folders or hub ids. ``preprocessing``: the reference's image
+    preprocessing, one of ``images.CLIP_TRANSFORMS``."""
+    if preprocessing not in CLIP_TRANSFORMS:
+        raise ValueError(f"unknown CLIP preprocessing {preprocessing!r}; known: {', '.join(CLIP_TRANSFORMS)}")
     from transformers import CLIPModel, CLIPTokenizer
 
     try:  # transformers 5: the PIL backend; in 4.x the default CLIPImageProcessor is the PIL one
@@ -123,7 +142,8 @@ def load_clip(model_path: str, processor_path: str | None = None, *, device: str
                          f"centre crop, normalise); got size={proc.size}, crop_size={proc.crop_size}")
     return ClipEncoder(model=model, tokenizer=CLIPTokenizer.from_pretrained(processor_path) if text else None,
                        size=int(size), crop=int(crop["height"]), mean=tuple(proc.image_mean),
-                       std=tuple(proc.image_std), resample=Image.Resampling(int(proc.resample)))
+                       std=tuple(proc.image_std), resample=Image.Resampling(int(proc.resample)),
+                       preprocessing=preprocessing)
 
 
 def locate_model_folder(checkpoints: Mapping[str, str | None], key: str, hub_id: str, allow_download: bool,
@@ -232,10 +252,11 @@ class AestheticScorer(Scorer):
 @register("clipscore")
 def build_clipscore(*, checkpoints: Mapping[str, str | None], allow_download: bool = False,
                     device: str = "cpu", dtype: str = "float32") -> ClipScoreScorer:
-    """ClipScore from ``score.checkpoints.clip_vit_l14`` (a folder of openai/clip-vit-large-patch14)."""
+    """ClipScore from ``score.checkpoints.clip_vit_l14`` (a folder of openai/clip-vit-large-patch14), images
+    preprocessed as Flow-GRPO's clip_scorer.py."""
     path = locate_model_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
                           MODEL_FILES + PROCESSOR_FILES)
-    return ClipScoreScorer(load_clip(path, device=device, dtype=dtype))
+    return ClipScoreScorer(load_clip(path, device=device, dtype=dtype, preprocessing=CLIPSCORE_PREPROCESSING))
 
 
 @register("pickscore")
