@@ -167,7 +167,7 @@ class ScoreCheckpoints:
     hpsv21: str | None = None  # file HPS_v2.1_compressed.pt (open_clip ViT-H-14 weights)
     image_reward: str | None = None  # file ImageReward.pt (ImageReward-v1.0)
     image_reward_tokenizer: str | None = None  # folder of the bert-base-uncased tokenizer ImageReward's BLIP uses
-    mask2former: str | None = None  # folder of facebook/mask2former-swin-small-coco-instance (GenEval detector)
+    mask2former: str | None = None  # GenEval detector: its mmdetection .pth (the protocol's) or a transformers folder
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,8 @@ class ScoreConfig:
     scorers: dict[str, list[str]] = field(default_factory=lambda: types.MappingProxyType(
         {"geneval": ("geneval",), "ocr": ("ocr",)}))  # prompt set -> names of the scorers applied to it
     geneval_backend: Literal["tiny", "mask2former"] = "tiny"  # detector: exact tiny-world one or Mask2Former
+    geneval_color_autocast: Literal["float16", "bfloat16"] | None = (
+        "float16")  # autocast dtype of GenEval's CLIP colour forwards, CUDA only, as the official evaluator; null = off
     ocr_engine: Literal["rapidocr", "paddle"] = "rapidocr"  # PP-OCRv4 via rapidocr-onnxruntime, or PaddleOCR (extra)
     ocr_upscale: int = 256  # OCR input side: smaller images are upscaled to this, pixels
     batch_size: int = 64  # images per scorer call

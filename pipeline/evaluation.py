@@ -117,7 +117,7 @@ def common_options(score_cfg) -> dict:
 
 def scorer_options(score_cfg) -> dict[str, dict]:
     """Factory options of the scorers that have their own keys in the ``score`` section."""
-    return {"geneval": {"backend": score_cfg.geneval_backend},
+    return {"geneval": {"backend": score_cfg.geneval_backend, "color_autocast": score_cfg.geneval_color_autocast},
             "ocr": {"engine": score_cfg.ocr_engine, "upscale_to": score_cfg.ocr_upscale}}
 
 

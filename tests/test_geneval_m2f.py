@@ -8,20 +8,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from soar.models.tiny import build_clip_tokenizer
-from soar.rewards import build_scorer
+from soar.rewards import build_scorer, geneval_m2f
+from soar.rewards.clip_scores import load_clip
 from soar.rewards.geneval_m2f import (
+    COLOR_AUTOCAST_DTYPES,
     GENEVAL_CLASSES,
+    ColorClassifier,
+    autocast_context,
     crop_on_background,
     geneval_class_names,
     mask_boxes,
     postprocess_instances,
+    resolve_autocast,
     scaled_size,
     to_detections,
 )
 from soar.rewards.geneval_rules import evaluate, keep_detections
-from soar.rewards.images import clip_pixels, resize_center_crop
+from soar.rewards.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform
 
 HF_NAMES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}  # Detectron2/HF
 HF_ID2LABEL = {i: HF_NAMES.get(n, n) for i, n in enumerate(GENEVAL_CLASSES)}
@@ -209,11 +215,82 @@ def test_crop_on_background_is_999_outside_the_mask():
     assert crop_on_background(image, mask, (7.6, 4.4, 20.2, 13.5)).shape == (10, 12, 3)  # rounded, not truncated
 
 
+def _open_clip_transform(side: int):
+    """GenEval's colour preprocessing, open_clip's ViT-L-14 ``openai`` evaluation transform, on PIL images."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side), T.ToTensor(),
+                      T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)])
+
+
+def _official_crop(image: np.ndarray, mask: np.ndarray, box) -> Image.Image:
+    """evaluate_images.py ``ImageCrops``: composite over a #999 image through the mask, then PIL ``crop`` of the
+    float32 box (as numpy scalars: this Pillow refuses the array itself)."""
+    pil = Image.fromarray(image).convert("RGB")
+    blank = Image.new("RGB", pil.size, color="#999")
+    return Image.composite(pil, blank, Image.fromarray(mask)).crop(tuple(box[:4]))
+
+
+def _crop_sizes() -> list[tuple[int, int]]:
+    """Crop shapes: tiny to large, square, both orientations, odd and even margins after the resize."""
+    sizes = [(1, 1), (1, 9), (9, 1), (7, 7), (224, 224), (224, 301), (301, 224), (225, 225), (512, 512)]
+    rng = np.random.default_rng(11)
+    return sizes + [tuple(int(v) for v in rng.integers(2, 400, 2)) for _ in range(40)]
+
+
+def test_color_crops_equal_open_clips_transform_at_224():
+    ours = clip_transform("torchvision_pil", 224, 224)
+    reference = _open_clip_transform(224)
+    rng = np.random.default_rng(12)
+    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in _crop_sizes()]
+    expected = torch.stack([reference(Image.fromarray(c)) for c in crops])
+    torch.testing.assert_close(ours(crops, "cpu"), expected, atol=1e-6, rtol=0)
+
+
+def test_color_crops_equal_the_official_composite_crop_and_transform(scorer):
+    """The whole path on the scorer's own encoder (side 32): mask composite, box crop, preprocessing."""
+    encoder = scorer.colors.encoder
+    assert encoder.preprocessing == "torchvision_pil" and (encoder.size, encoder.crop) == (32, 32)
+    reference = _open_clip_transform(32)
+    rng = np.random.default_rng(13)
+    ours, expected = [], []
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(20, 90, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        y0, x0 = int(rng.integers(0, h - 1)), int(rng.integers(0, w - 1))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        mask = np.zeros((h, w), dtype=bool)
+        mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
+        box = np.asarray(mask_boxes(torch.from_numpy(mask)[None])[0], dtype=np.float32)  # mmdet's float32 boxes
+        if rng.random() < 0.5:  # fractional corners, halves included: both round half to even
+            box = box + rng.choice([-0.5, 0.5, 0.4, -0.6], 4).astype(np.float32)
+            box[:2] = np.clip(box[:2], 0, [w - 1, h - 1])
+            box[2:] = np.clip(box[2:], np.round(box[:2]) + 1, [w, h])  # inside the image, at least one pixel
+        ours.append(crop_on_background(image, mask, tuple(float(v) for v in box)))
+        expected.append(reference(_official_crop(image, mask, box)))
+    torch.testing.assert_close(encoder.pixels(ours, "cpu"), torch.stack(expected), atol=1e-6, rtol=0)
+
+
+def test_floor_and_round_crop_offsets_differ_and_the_official_one_rounds():
+    """A 10 x 27 crop resized to 224 x 604: margin 380 is even; 10 x 23 -> 224 x 515: margin 291, offset
+    145 (floor) vs 146 (round, 145.5 -> 146). A margin of 4k + 1 rounds down like floor (half to even)."""
+    rng = np.random.default_rng(14)
+    crop = rng.integers(0, 256, (10, 23, 3), dtype=np.uint8)
+    reference = _open_clip_transform(224)(Image.fromarray(crop))[None]
+    floor = clip_transform("transformers_pil", 224, 224)([crop], "cpu")
+    round_ = clip_transform("torchvision_pil", 224, 224)([crop], "cpu")
+    torch.testing.assert_close(round_, reference, atol=1e-6, rtol=0)
+    assert (floor - reference).abs().max() > 0.1
+    torch.testing.assert_close(floor[..., 1:], round_[..., :-1], atol=1e-6, rtol=0)  # shifted by one column
+
+
 def test_color_classifier_matches_float64_hand_computation(scorer):
     clf = scorer.colors
+    assert clf.autocast is None  # CPU: never autocast
     rng = np.random.default_rng(5)
-    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(12, 30), (40, 16), (7, 7), (64, 50)]]
-    classes = ["dog", "computer mouse", "dog", "hot dog"]
+    shapes = [(12, 30), (40, 16), (7, 7), (64, 50), (10, 23), (23, 10)]  # the last two: odd margins at side 32
+    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    classes = ["dog", "computer mouse", "dog", "hot dog", "tie", "dog"]
     model = copy.deepcopy(clf.model).double()
     templates = ["a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object"]
 
@@ -226,7 +303,7 @@ def test_color_classifier_matches_float64_hand_computation(scorer):
         weights = {cls: F.normalize(torch.stack([
             torch.stack([embed(t.format(c=c, cls=cls)) for t in templates]).mean(0) for c in COLORS]), dim=-1)
             for cls in set(classes)}
-        pixels = clip_pixels(np.stack([resize_center_crop(c, 32) for c in crops]), 32).double()
+        pixels = torch.stack([_open_clip_transform(32)(Image.fromarray(c)) for c in crops]).double()
         out = model.get_image_features(pixel_values=pixels)
         feats = F.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)
     hand = 100.0 * torch.stack([weights[cls] @ f for cls, f in zip(classes, feats, strict=True)])
@@ -320,8 +397,7 @@ def test_missing_checkpoints_name_the_param(checkpoints, tmp_path):
         build_scorer("geneval", backend="mask2former")
     with pytest.raises(FileNotFoundError, match=r"score\.checkpoints\.mask2former.*does not exist"):
         build_scorer("geneval", backend="mask2former", checkpoints={**checkpoints, "mask2former": str(tmp_path / "x")})
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"score\.checkpoints\.mask2former.*preprocessor_config\.json"):
+    with pytest.raises(FileNotFoundError, match=r"score\.checkpoints\.mask2former.*lacks config\.json"):
         build_scorer("geneval", backend="mask2former", checkpoints={**checkpoints, "mask2former": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=r"score\.checkpoints\.clip_vit_l14"):
         build_scorer("geneval", backend="mask2former", checkpoints={"mask2former": checkpoints["mask2former"]})
@@ -339,3 +415,78 @@ def test_bfloat16_runs_end_to_end(checkpoints):
     assert half.colors([np.zeros((5, 9, 3), np.uint8)], ["tie"])[0] in COLORS
     record = half.score(_images(1), ["a red tie"], [meta])[0]
     assert record.score in (0.0, 1.0) and record.details["tag"] == "colors"
+
+
+def test_autocast_is_resolved_for_cuda_only():
+    assert resolve_autocast("cuda", "float16") == ("cuda", torch.float16)
+    assert resolve_autocast(torch.device("cuda", 1), "bfloat16") == ("cuda", torch.bfloat16)
+    assert resolve_autocast("cpu", "float16") is None and resolve_autocast("cuda", None) is None
+    with pytest.raises(ValueError, match="colour autocast dtype"):
+        resolve_autocast("cuda", "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_context_enters_the_dtype(dtype):
+    layer = torch.nn.Linear(4, 2)
+    with autocast_context(("cpu", dtype)):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+        assert layer(torch.ones(1, 4)).dtype == dtype
+    with autocast_context(None):
+        assert not torch.is_autocast_enabled("cpu") and layer(torch.ones(1, 4)).dtype == torch.float32
+
+
+def test_both_colour_forwards_run_under_the_configured_autocast(checkpoints, monkeypatch):
+    """With the CPU let in as an autocast device, the text and image forwards see autocast at the configured
+    dtype, and the logits come out of a matmul in that dtype (float32 values rounded to it)."""
+    monkeypatch.setattr(geneval_m2f, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    clf = ColorClassifier(load_clip(checkpoints["clip_vit_l14"]), autocast="bfloat16")
+    assert clf.autocast == ("cpu", torch.bfloat16) and clf.encoder.preprocessing == "torchvision_pil"
+    seen = []
+    for name in ("get_image_features", "get_text_features"):
+        original = getattr(clf.model, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(clf.model, name, spy)
+    crops = [np.random.default_rng(15).integers(0, 256, (9, 14, 3), dtype=np.uint8)]
+    logits = clf.logits(crops, ["dog"])
+    assert sorted(seen) == [("get_image_features", True, torch.bfloat16), ("get_text_features", True, torch.bfloat16)]
+    assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())
+    assert clf(crops, ["dog"])[0] in COLORS and not torch.is_autocast_enabled("cpu")
+
+
+def test_the_autocast_option_reaches_the_classifier_and_changes_nothing_on_cpu(checkpoints, monkeypatch):
+    from pipeline.config import ScoreCheckpoints, ScoreConfig
+    from pipeline.evaluation import build_scorers, scorer_options
+
+    cfg = ScoreConfig(geneval_backend="mask2former", geneval_color_autocast="bfloat16", device="cpu",
+                      checkpoints=ScoreCheckpoints(**checkpoints))
+    assert scorer_options(cfg)["geneval"] == {"backend": "mask2former", "color_autocast": "bfloat16"}
+    assert ScoreConfig().geneval_color_autocast == "float16"  # the official evaluator's amp
+    on_cpu = build_scorers(cfg, ["geneval"])["geneval"]
+    assert on_cpu.colors.autocast is None
+    off = build_scorer("geneval", backend="mask2former", checkpoints=checkpoints, color_autocast=None)
+    rng = np.random.default_rng(16)
+    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((9, 14), (40, 31), (64, 64))]
+    classes = ["dog", "tie", "hot dog"]
+    assert torch.equal(on_cpu.colors.logits(crops, classes), off.colors.logits(crops, classes))
+    monkeypatch.setattr(geneval_m2f, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))  # where it would autocast
+    assert build_scorers(cfg, ["geneval"])["geneval"].colors.autocast == ("cpu", torch.bfloat16)
+    assert build_scorer("geneval", backend="mask2former", checkpoints=checkpoints).colors.autocast == \
+        ("cpu", torch.float16)
+    assert build_scorer("geneval", backend="tiny", color_autocast="bfloat16").name == "geneval"  # ignored there
+
+
+def test_the_config_accepts_the_classifiers_dtypes_and_null():
+    from typing import get_args, get_type_hints
+
+    from pipeline.config import ConfigError, ScoreConfig, parse_config
+
+    hint = get_type_hints(ScoreConfig)["geneval_color_autocast"]
+    assert tuple(a for arg in get_args(hint) for a in get_args(arg)) == COLOR_AUTOCAST_DTYPES
+    assert parse_config({"score": {"geneval_color_autocast": None}}).score.geneval_color_autocast is None
+    assert parse_config({"score": {"geneval_color_autocast": "bfloat16"}}).score.geneval_color_autocast == "bfloat16"
+    with pytest.raises(ConfigError, match=r"score\.geneval_color_autocast: 'float32' is not one of"):
+        parse_config({"score": {"geneval_color_autocast": "float32"}})

@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mmdet_layout import random_mask2former, save_checkpoint
 from PIL import Image
 from repo_copy import commit_all, copy_checkout, ran_stages, run
 from ruamel.yaml import YAML
 from sd35_layout import write_sd35_folder
-from test_geneval_m2f import checkpoints as m2f_checkpoints  # noqa: F401  (fixture)
 from test_rewards_clip import folders  # noqa: F401  (fixture)
 
 from pipeline.config import parse_config, read_params
+from soar.rewards.geneval_m2f import MMDET_CHECKPOINT
 
 pytestmark = pytest.mark.slow  # `dvc repro` in subprocesses: minutes
 
@@ -72,10 +73,11 @@ def write_dataset(root: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def paper_repo(tmp_path_factory, folders, m2f_checkpoints) -> tuple[Path, dict]:  # noqa: F811
+def paper_repo(tmp_path_factory, folders) -> tuple[Path, dict]:  # noqa: F811
     dest = copy_checkout(tmp_path_factory.mktemp("paper") / "repo")
     outside = dest.parent
     write_sd35_folder(outside / "sd35", t5=True, seed=0)
+    detector = save_checkpoint(outside / MMDET_CHECKPOINT, random_mask2former().state_dict())  # GenEval's format
     jsonl, images = write_dataset(outside / "dataset")
     sets = outside / "prompts"
     sets.mkdir()
@@ -97,7 +99,7 @@ def paper_repo(tmp_path_factory, folders, m2f_checkpoints) -> tuple[Path, dict]:
     params["score"]["scorers"]["drawbench"] = ["pickscore", "clipscore", "aesthetic"]
     params["score"]["checkpoints"].update(
         clip_vit_l14=str(folders / "clip"), pickscore=str(folders / "pick"), pickscore_processor=str(folders / "proc"),
-        aesthetic_mlp=str(folders / "mlp.pth"), mask2former=m2f_checkpoints["mask2former"])
+        aesthetic_mlp=str(folders / "mlp.pth"), mask2former=str(detector))
     parse_config(params)  # the edited profile is still a valid configuration
     with (dest / "params.yaml").open("w") as f:
         YAML(typ="safe", pure=True).dump(params, f)

@@ -92,13 +92,16 @@ class GenEvalScorer(GenEvalBase):
 
 
 @register("geneval")
-def build_geneval(backend: str = "tiny", image_size: int = 64, *, checkpoints: Mapping[str, str | None] | None = None,
-                  allow_download: bool = False, device: str = "cpu", dtype: str = "float32") -> Scorer:
+def build_geneval(backend: str = "tiny", image_size: int = 64, *, color_autocast: str | None = "float16",
+                  checkpoints: Mapping[str, str | None] | None = None, allow_download: bool = False,
+                  device: str = "cpu", dtype: str = "float32") -> Scorer:
     """Build the GenEval scorer for ``backend`` ``tiny`` or ``mask2former``.
 
-    ``image_size``: the tiny world's side (``tiny`` only). ``checkpoints`` (``score.checkpoints``),
-    ``allow_download``, ``device``, ``dtype``: where and how the ``mask2former`` backend loads its two
-    models; a missing path is a ``FileNotFoundError`` naming ``score.checkpoints.<key>``.
+    ``image_size``: the tiny world's side (``tiny`` only). ``color_autocast`` (``mask2former`` only,
+    ``score.geneval_color_autocast``): autocast dtype of the CLIP colour forwards on CUDA, or None.
+    ``checkpoints`` (``score.checkpoints``), ``allow_download``, ``device``, ``dtype``: where and how the
+    ``mask2former`` backend loads its two models; a missing path is a ``FileNotFoundError`` naming
+    ``score.checkpoints.<key>``.
     """
     if backend == "tiny":
         return GenEvalScorer(image_size=image_size)
@@ -106,5 +109,6 @@ def build_geneval(backend: str = "tiny", image_size: int = 64, *, checkpoints: M
         from soar.rewards.geneval_m2f import load_mask2former_geneval
 
         return load_mask2former_geneval({"mask2former": None, "clip_vit_l14": None, **(checkpoints or {})},
-                                        allow_download=allow_download, device=device, dtype=dtype)
+                                        allow_download=allow_download, device=device, dtype=dtype,
+                                        color_autocast=color_autocast)
     raise ValueError(f"geneval: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -1,11 +1,16 @@
 """GenEval's published evaluator on transformers: Mask2Former Swin-S COCO + CLIP ViT-L/14 colours.
 
 Reference: djghosh13/geneval ``evaluation/evaluate_images.py`` (mmdet 2.x config
-``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``, open_clip ``ViT-L-14`` ``openai``). Per batch of
-uint8 RGB images ``[N, H, W, 3]`` (all of one size):
+``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``, open_clip ``ViT-L-14`` ``openai``). The detector's
+weights: the protocol's mmdetection checkpoint (``MMDET_CHECKPOINT``, converted on load by
+``mmdet_mask2former``) or a transformers folder (``MASK2FORMER_HUB_ID`` is a Detectron2 training of
+the same architecture: other weights, other scores). Per batch of uint8 RGB images ``[N, H, W, 3]``
+(all of one size):
 
-1. Detector input as mmdet's test pipeline: keep-ratio resize to the scale ``(1333, 800)`` (mmcv
-   rounding), normalise (the processor), zero-pad to a multiple of 32; one forward, eval, no grad.
+1. Detector input as mmdet's test pipeline (``detector_input``): keep-ratio resize to the scale
+   ``(1333, 800)`` with mmcv's rounding and its cv2 bilinear resize of the uint8 image, mmcv's
+   ``imnormalize`` (cv2 subtract / multiply by the float64 ``1 / std``), zero-pad to a multiple of 32;
+   one forward, eval, no grad.
 2. Instances as mmdet's ``MaskFormerFusionHead.instance_postprocess``: the top 100 (query, class)
    pairs by class probability; mask logits upsampled (bilinear) to the padded input, cropped to the
    resized image, resized to ``H x W``; mask = logit > 0; score = class prob * mean sigmoid on the
@@ -14,18 +19,31 @@ uint8 RGB images ``[N, H, W, 3]`` (all of one size):
    lowest threshold of any tag: a score is at most its class probability, so pairs below it are
    dropped before upsampling). The rules engine applies the tag's threshold, order and cap.
 4. Colour, only for the objects a colour clause inspects (the top ``count`` of its class, when there
-   are that many): the image composited over ``#999`` outside the mask, cropped to the box, CLIP
-   preprocessing, one CLIP forward for the whole batch; zero-shot over ``GENEVAL_COLORS`` with the
-   three templates (per colour the mean of the L2-normalised text embeddings, renormalised, as
-   clip_benchmark's ``zero_shot_classifier``); argmax.
+   are that many), as evaluate_images.py's ``ImageCrops`` and ``color_classification``: the image
+   composited over ``#999`` outside the mask, cropped to the box (rounded as PIL's ``Image.crop``),
+   then open_clip's ``ViT-L-14`` ``openai`` evaluation transform: torchvision ``Resize(224)`` bicubic
+   on the PIL image (long side ``int(224 * long / short)``), ``CenterCrop(224)`` at offset
+   ``int(round((H - 224) / 2))``, ``ToTensor``, ``Normalize`` (OpenAI mean/std)
+   (``images.clip_transform("torchvision_pil", ...)``, sizes and mean/std from the CLIP folder's
+   preprocessor config). One CLIP forward for the whole batch; zero-shot over ``GENEVAL_COLORS`` with
+   the three templates as clip_benchmark's ``zero_shot_classifier`` (per colour the mean of the
+   L2-normalised text embeddings, renormalised) and ``run_classification`` (``100 * unit image
+   embedding @ weights``); argmax, first on ties.
+5. Precision: the official evaluator runs both CLIP forwards in float32 weights under
+   ``torch.cuda.amp.autocast()`` (clip_benchmark's default ``amp=True``: float16 on CUDA), the logits
+   matmul included. ``ColorClassifier(autocast=...)`` does the same on CUDA (``score.geneval_color_autocast``);
+   on other devices it never autocasts.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import cv2  # mmcv's resize backend (opencv comes with rapidocr)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,13 +52,22 @@ from soar.rewards import weights
 from soar.rewards.clip_scores import CLIP_VIT_L14_HUB_ID, MODEL_FILES, ClipEncoder, load_clip, locate_model_folder
 from soar.rewards.geneval import GenEvalBase
 from soar.rewards.geneval_rules import GENEVAL_COLORS, THRESHOLD, Detection, keep_detections
+from soar.rewards.mmdet_mask2former import load_mmdet_mask2former
 
 MASK2FORMER_HUB_ID = "facebook/mask2former-swin-small-coco-instance"  # transformers port of the Swin-S COCO model
+# GenEval's detector (its download_models.sh): mmdetection's model zoo, Mask2Former Swin-S COCO instances.
+MMDET_CHECKPOINT = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth"
+MMDET_MEAN = (123.675, 116.28, 103.53)  # mmdet img_norm_cfg mean, RGB (to_rgb=True)
+MMDET_STD = (58.395, 57.12, 57.375)  # mmdet img_norm_cfg std, RGB
 TEST_SCALE = (1333, 800)  # mmdet test_pipeline: Resize(img_scale=(1333, 800), keep_ratio=True)
 SIZE_DIVISOR = 32  # mmdet test_pipeline: Pad(size_divisor=32), zeros after Normalize
 MAX_PER_IMAGE = 100  # mmdet Mask2Former test_cfg.max_per_image
 CROP_BACKGROUND = (153, 153, 153)  # evaluate_images.py ImageCrops: bgcolor "#999"
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+COLOR_PREPROCESSING = "torchvision_pil"  # open_clip's ViT-L-14 evaluation transform (images.CLIP_TRANSFORMS)
+COLOR_AUTOCAST_DTYPES = ("float16", "bfloat16")  # allowed autocast dtypes of the colour forwards
+DEFAULT_COLOR_AUTOCAST = "float16"  # clip_benchmark's amp=True: torch.cuda.amp.autocast() (float16)
+AUTOCAST_DEVICE_TYPES = ("cuda",)  # devices the colour forwards autocast on (the official one runs on CUDA)
 # evaluation/object_names.txt: mmdet's COCO classes in mmdet's order, with GenEval's three renames.
 GENEVAL_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -78,6 +105,27 @@ def scaled_size(height: int, width: int, scale: tuple[int, int] = TEST_SCALE) ->
     """mmcv ``rescale_size``: the largest keep-ratio size within ``scale`` (long, short), rounded half up."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def detector_input(images: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 RGB ``[N, H, W, 3]`` -> float32 ``[N, 3, ph, pw]`` as mmdet's test pipeline, and the resized
+    size ``(sh, sw)`` inside the zero padding (``ph``, ``pw``: multiples of ``SIZE_DIVISOR``).
+
+    Per image as mmcv: ``imrescale`` (``cv2.resize`` bilinear of the uint8 image to ``scaled_size``),
+    ``imnormalize`` (float32; cv2 subtract ``MMDET_MEAN`` and multiply by ``1 / MMDET_STD`` in float64
+    scalars); mmdet's BGR load and ``to_rgb`` cancel out on RGB input. Then ``Pad`` with zeros.
+    """
+    h, w = images.shape[1:3]
+    sh, sw = scaled_size(h, w)
+    ph, pw = -(-sh // SIZE_DIVISOR) * SIZE_DIVISOR, -(-sw // SIZE_DIVISOR) * SIZE_DIVISOR
+    mean, stdinv = np.float64(MMDET_MEAN).reshape(1, -1), 1 / np.float64(MMDET_STD).reshape(1, -1)
+    out = np.zeros((len(images), ph, pw, 3), np.float32)
+    for i, image in enumerate(images):
+        x = cv2.resize(np.ascontiguousarray(image), (sw, sh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        cv2.subtract(x, mean, x)
+        cv2.multiply(x, stdinv, x)
+        out[i, :sh, :sw] = x
+    return torch.from_numpy(out).permute(0, 3, 1, 2), (sh, sw)
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -144,12 +192,38 @@ def crop_on_background(image: np.ndarray, mask: np.ndarray, box: Sequence[float]
     return np.ascontiguousarray(out[y0:y1, x0:x1])
 
 
+def resolve_autocast(device: torch.device | str, dtype: str | None) -> tuple[str, torch.dtype] | None:
+    """``(device type, dtype)`` the colour forwards autocast to: ``dtype`` (one of ``COLOR_AUTOCAST_DTYPES``)
+    on a device of ``AUTOCAST_DEVICE_TYPES``; None (no autocast) elsewhere or when ``dtype`` is None."""
+    if dtype is not None and dtype not in COLOR_AUTOCAST_DTYPES:
+        raise ValueError(f"geneval: colour autocast dtype must be null or one of {COLOR_AUTOCAST_DTYPES}, "
+                         f"got {dtype!r}")
+    device_type = torch.device(device).type
+    if dtype is None or device_type not in AUTOCAST_DEVICE_TYPES:
+        return None
+    return device_type, weights.torch_dtype(dtype)
+
+
+def autocast_context(autocast: tuple[str, torch.dtype] | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a ``resolve_autocast`` result; a null context for None."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    device_type, dtype = autocast
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
 class ColorClassifier:
     """CLIP zero-shot colour of object crops: ``GENEVAL_COLORS`` x ``COLOR_TEMPLATES`` per class name,
-    on a ``clip_scores.ClipEncoder`` (the ClipScore/Aesthetic loading and preprocessing path)."""
+    on a ``clip_scores.ClipEncoder`` (the ClipScore/Aesthetic loading path) whose images are preprocessed
+    as open_clip's transform (``COLOR_PREPROCESSING``, whatever ``encoder`` was loaded with).
 
-    def __init__(self, encoder: ClipEncoder) -> None:
-        self.encoder = encoder
+    ``autocast``: dtype both CLIP forwards (and the logits) autocast to on CUDA, as the official
+    evaluator (float16); None: the model's dtype throughout. Resolved once here: on the CPU, never.
+    """
+
+    def __init__(self, encoder: ClipEncoder, autocast: str | None = DEFAULT_COLOR_AUTOCAST) -> None:
+        self.encoder = replace(encoder, preprocessing=COLOR_PREPROCESSING)
+        self.autocast = resolve_autocast(self.encoder.device, autocast)
         self._text: dict[str, torch.Tensor] = {}
 
     @property
@@ -165,7 +239,9 @@ class ColorClassifier:
         text embeddings (cached per class)."""
         if cls not in self._text:
             texts = [t.format(c=c, cls=cls) for c in GENEVAL_COLORS for t in COLOR_TEMPLATES]
-            emb = self.encoder.embed_texts(texts).view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1)
+            with autocast_context(self.autocast):
+                emb = self.encoder.embed_texts(texts)
+            emb = emb.view(len(GENEVAL_COLORS), len(COLOR_TEMPLATES), -1)
             self._text[cls] = F.normalize(emb.mean(1), dim=-1)
         return self._text[cls]
 
@@ -174,9 +250,12 @@ class ColorClassifier:
         return self.encoder.embed_images(list(crops))
 
     def logits(self, crops: Sequence[np.ndarray], classes: Sequence[str]) -> torch.Tensor:
-        """float32 ``[N, len(GENEVAL_COLORS)]``: ``100 * cos(crop, colour)`` against each crop's class."""
+        """float32 ``[N, len(GENEVAL_COLORS)]``: ``100 * cos(crop, colour)`` against each crop's class (under
+        autocast the matmul, and so the logits, are in the autocast dtype, as the official ones)."""
         text = torch.stack([self.text_weights(c) for c in classes])  # [N, colours, D]
-        return 100.0 * torch.einsum("nd,nkd->nk", self.image_features(crops), text)
+        with autocast_context(self.autocast):
+            logits = (100.0 * self.image_features(crops))[:, None, :] @ text.transpose(1, 2)  # [N, 1, colours]
+        return logits[:, 0].float()
 
     def __call__(self, crops: Sequence[np.ndarray], classes: Sequence[str]) -> list[str]:
         """The colour (argmax) of each crop; ``classes`` names each crop's object class."""
@@ -186,30 +265,22 @@ class ColorClassifier:
 
 
 class Mask2FormerGenEval(GenEvalBase):
-    """The published GenEval evaluator: ``detector`` (Mask2FormerForUniversalSegmentation) with its
-    ``processor``, colours from ``colors``; see the module docstring."""
+    """The published GenEval evaluator: ``detector`` (Mask2FormerForUniversalSegmentation), colours
+    from ``colors``; see the module docstring."""
 
-    def __init__(self, detector: Any, processor: Any, colors: ColorClassifier, device: str = "cpu",
+    def __init__(self, detector: Any, colors: ColorClassifier, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        self.detector, self.processor, self.colors = detector.eval(), processor, colors
+        self.detector, self.colors = detector.eval(), colors
         self.device, self.dtype = torch.device(device), dtype
         self.class_names = geneval_class_names(detector.config.id2label)
 
     @torch.no_grad()
     def instances(self, images: np.ndarray) -> list[tuple[list[Detection], list[np.ndarray]]]:
         """Per image of uint8 ``[N, H, W, 3]``: detections above 0.3 (no colours) and their masks."""
-        h, w = images.shape[1:3]
-        sh, sw = scaled_size(h, w)
-        ph, pw = -(-sh // SIZE_DIVISOR) * SIZE_DIVISOR, -(-sw // SIZE_DIVISOR) * SIZE_DIVISOR
-        inputs = self.processor(images=list(images), size={"height": sh, "width": sw}, size_divisor=0,
-                                input_data_format="channels_last", return_tensors="pt")
-        pixels = inputs["pixel_values"]
-        if tuple(pixels.shape[-2:]) != (sh, sw):
-            raise RuntimeError(f"geneval: the image processor made {tuple(pixels.shape[-2:])} inputs, "
-                               f"expected the resize to {(sh, sw)}")
-        pixels = F.pad(pixels, (0, pw - sw, 0, ph - sh)).to(self.device, self.dtype)  # zeros after normalising
-        out = self.detector(pixel_values=pixels)
-        return [to_detections(*postprocess_instances(cls, masks, (ph, pw), (sh, sw), (h, w)), self.class_names)
+        pixels, resized = detector_input(images)
+        out = self.detector(pixel_values=pixels.to(self.device, self.dtype))
+        padded, image_hw = tuple(pixels.shape[-2:]), tuple(images.shape[1:3])
+        return [to_detections(*postprocess_instances(cls, masks, padded, resized, image_hw), self.class_names)
                 for cls, masks in zip(out.class_queries_logits, out.masks_queries_logits, strict=True)]
 
     def detect(self, images: np.ndarray, metadata: Sequence[Mapping[str, Any]]) -> list[list[Detection]]:
@@ -230,19 +301,28 @@ class Mask2FormerGenEval(GenEvalBase):
 
 
 def load_mask2former_geneval(checkpoints: Mapping[str, str | None], *, allow_download: bool = False,
-                             device: str = "cpu", dtype: str = "float32") -> Mask2FormerGenEval:
+                             device: str = "cpu", dtype: str = "float32",
+                             color_autocast: str | None = DEFAULT_COLOR_AUTOCAST) -> Mask2FormerGenEval:
     """Load both models from ``score.checkpoints.{mask2former, clip_vit_l14}`` (hub ids only when
-    ``allow_download``) onto ``device`` in ``dtype`` (``float32``, ``float16`` or ``bfloat16``)."""
-    det_path = weights.locate(checkpoints, "mask2former", expect=("config.json", "preprocessor_config.json"),
-                              hub_id=MASK2FORMER_HUB_ID, allow_download=allow_download,
-                              what="Mask2Former Swin-S COCO instance segmentation, transformers format")
+    ``allow_download``) onto ``device`` in ``dtype`` (``float32``, ``float16`` or ``bfloat16``);
+    ``color_autocast``: ``ColorClassifier``'s ``autocast``."""
+    torch_dtype = weights.torch_dtype(dtype)
+    detector = load_detector(checkpoints, allow_download=allow_download)
     clip_path = locate_model_folder(checkpoints, "clip_vit_l14", CLIP_VIT_L14_HUB_ID, allow_download,
                                     MODEL_FILES + ("preprocessor_config.json", "tokenizer_config.json"))
-    from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+    colors = ColorClassifier(load_clip(clip_path, device=device, dtype=dtype), autocast=color_autocast)
+    return Mask2FormerGenEval(detector.to(device=device, dtype=torch_dtype), colors, device, torch_dtype)
 
-    local = {"local_files_only": not allow_download}
-    torch_dtype = weights.torch_dtype(dtype)
-    detector = Mask2FormerForUniversalSegmentation.from_pretrained(det_path, **local)
-    processor = AutoImageProcessor.from_pretrained(det_path, **local)
-    colors = ColorClassifier(load_clip(clip_path, device=device, dtype=dtype))
-    return Mask2FormerGenEval(detector.to(device=device, dtype=torch_dtype), processor, colors, device, torch_dtype)
+
+def load_detector(checkpoints: Mapping[str, str | None], *, allow_download: bool = False) -> Any:
+    """The Mask2Former of ``score.checkpoints.mask2former``: a file is an mmdetection checkpoint (GenEval's
+    ``MMDET_CHECKPOINT``, converted), a folder a transformers one (hub id only when ``allow_download``)."""
+    path = checkpoints.get("mask2former")
+    if path is not None and Path(path).is_file():
+        return load_mmdet_mask2former(path)
+    det_path = weights.locate(checkpoints, "mask2former", expect=("config.json",), hub_id=MASK2FORMER_HUB_ID,
+                              allow_download=allow_download,
+                              what=f"GenEval's {MMDET_CHECKPOINT}, or a transformers Mask2Former Swin-S COCO folder")
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    return Mask2FormerForUniversalSegmentation.from_pretrained(det_path, local_files_only=not allow_download)
