@@ -27,6 +27,7 @@ from typing import Literal
 
 from ruamel.yaml import YAML
 
+from pipeline.reference_config import ReferenceConfig, check_reference_names
 from soar.data.prompts import PromptFormat
 from soar.models.tiny import TinyModelConfig
 from soar.rollout import SoarConfig
@@ -279,6 +280,8 @@ class Config:
     soar: SoarConfig | None = field(default_factory=SoarConfig)  # SOAR's rollout and auxiliary loss (train@soar)
     prompt_files: PromptFilesConfig | None = field(default_factory=PromptFilesConfig)  # public prompt sets
     sample: SampleConfig | None = field(default_factory=SampleConfig)  # evaluation sampling (stage sample@*)
+    references: dict[str, ReferenceConfig] | None = field(
+        default_factory=lambda: types.MappingProxyType({}))  # reference models: name -> rows of the results table
     score: ScoreConfig | None = field(default_factory=ScoreConfig)  # evaluation scoring (stage score@*)
     dynamics: DynamicsConfig | None = field(default_factory=DynamicsConfig)  # reward-vs-step curves (stage dynamics@*)
     study: StudyConfig | None = field(default_factory=StudyConfig)  # the multi-seed study (study/dvc.yaml)
@@ -287,6 +290,11 @@ class Config:
 
 
     def __post_init__(self) -> None:
+        if self.references:
+            try:
+                check_reference_names(self.references)
+            except ConfigError as err:
+                raise ConfigError(f"references.{err}", f"references.{err.key}") from None
         if self.sample is not None and self.score is not None:  # a prompt set scored but never sampled
             unknown = sorted(set(self.score.scorers) - set(self.sample.prompt_sets))
             if unknown:

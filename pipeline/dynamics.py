@@ -26,9 +26,11 @@ import torch
 from pipeline.evaluation import read_records, score_samples, set_metrics
 from pipeline.sample_sets import (
     SetPlan,
+    bundle_sampler,
     complete_sets,
     model_digest,
     open_bundle,
+    own_settings,
     plan_sets,
     sample_sets,
     sampling_dtype,
@@ -94,9 +96,10 @@ def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root
     # one line per snapshot (each is a whole sampling run, with its own lines)
     progress = Progress(f"dynamics {method}", len(snapshots), unit="snapshot", main=state.is_main_process, every=0)
     for step, transformer in snapshots:
-        made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample,
+        made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample.batch_size,
                            digest=lambda t=transformer: model_digest(cfg.model.base_path, t),
-                           load=lambda t=transformer: loader(t), text_encoder_dtype=cfg.model.text_encoder_dtype)
+                           settings=own_settings(cfg.sample, state.device, cfg.model.text_encoder_dtype),
+                           load=lambda t=transformer: bundle_sampler(loader(t), cfg.sample))
         if state.is_main_process:
             complete_sets(plans[step])
         progress.advance(note=f"step {step}: {made} new images")

@@ -142,7 +142,10 @@ def render(cfg: Config, name: str) -> str:
         lines.append("")
         lines.append(f"# {comments[section][:1].upper()}{comments[section][1:]}")
         value = getattr(cfg, section)
-        lines.extend([f"{section}:", *_block(value, 1)] if value is not None else [f"{section}: null"])
+        if value is None or (hasattr(value, "items") and not value):  # null, or an empty mapping section
+            lines.append(f"{section}: {'null' if value is None else '{}'}")
+        else:
+            lines.extend([f"{section}:", *_block(value, 1)])
     return "\n".join(lines) + "\n"
 
 

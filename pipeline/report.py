@@ -1,4 +1,5 @@
-"""The results table (rows base / +SFT / +SOAR, one column per metric) and the image grid."""
+"""The results table in the paper's layout (rows: the reference models, then base, + SFT, + SOAR; columns:
+Model, #Iter, one per metric) and the image grid."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import io
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,35 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.sample_layout import load_image, read_index
 
 MODELS = ("base", "sft", "soar")
-ROW_NAMES = {"base": "base", "sft": "+SFT", "soar": "+SOAR"}
+ROW_NAMES = {"base": "base", "sft": "+ SFT", "soar": "+ SOAR"}
+NOT_TRAINED = "–"  # the #Iter cell of a model not trained here
 # metric key -> the paper's column name (docs/method.md#the-papers-numbers), in the paper's order
 PAPER_COLUMNS = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clipscore": "ClipScore",
                  "hpsv21": "HPSv2.1", "aesthetic": "Aesthetic", "imagereward": "ImgRwd"}
 CELL = 128  # grid cell side, pixels
 LABEL_W = 280  # width of the prompt column in the grid, pixels
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the results table."""
+
+    model: str  # folder name under the samples and scores folders (base, sft, soar or a reference's name)
+    label: str  # the Model cell
+    iterations: str  # the #Iter cell: training steps of the model, NOT_TRAINED for the others
+
+
+def iterations(steps: int) -> str:
+    """The #Iter cell for ``steps`` training steps: ``10k`` for 10000, else the number."""
+    return f"{steps // 1000}k" if steps >= 1000 and steps % 1000 == 0 else str(steps)
+
+
+def table_rows(references: Mapping[str, object], train_steps: int) -> list[Row]:
+    """The reference models in ``params.yaml`` order (each with its ``label``), then base, + SFT, + SOAR."""
+    refs = [Row(name, ref.label, NOT_TRAINED) for name, ref in references.items()]
+    trained = iterations(train_steps)
+    return refs + [Row("base", ROW_NAMES["base"], NOT_TRAINED), Row("sft", ROW_NAMES["sft"], trained),
+                   Row("soar", ROW_NAMES["soar"], trained)]
 
 
 def columns(metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -33,24 +58,27 @@ def header(key: str) -> str:
     return PAPER_COLUMNS.get(key, key)
 
 
-def results_table(metrics: Mapping[str, Mapping[str, float]]) -> tuple[str, str]:
-    """(markdown, csv) with one row per model present, in the order base, +SFT, +SOAR."""
+def results_table(metrics: Mapping[str, Mapping[str, float]], rows: Sequence[Row]) -> tuple[str, str]:
+    """(markdown, csv): one line per row whose model has metrics, in ``rows`` order; columns Model, #Iter, then
+    ``columns(metrics)``; a metric a model lacks is ``–`` (empty in the csv)."""
     cols = columns(metrics)
-    models = [m for m in MODELS if m in metrics]
-    md = ["| Model | " + " | ".join(header(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    md = ["| Model | #Iter | " + " | ".join(header(c) for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["model", *cols])
-    for m in models:
-        values = [metrics[m].get(c) for c in cols]
-        md.append(f"| {ROW_NAMES[m]} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |")
-        writer.writerow([ROW_NAMES[m], *("" if v is None else f"{v:.6f}" for v in values)])
+    writer.writerow(["model", "iterations", *cols])
+    for row in (r for r in rows if r.model in metrics):
+        values = [metrics[row.model].get(c) for c in cols]
+        md.append(f"| {row.label} | {row.iterations} | "
+                  + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |")
+        writer.writerow([row.label, row.iterations, *("" if v is None else f"{v:.6f}" for v in values)])
     return "\n".join(md) + "\n", buf.getvalue()
 
 
 def comparison_grid(samples_root: Path, sets: Sequence[str], prompts_per_set: int,
-               models: Sequence[str] = MODELS) -> Image.Image:
-    """Rows: the first ``prompts_per_set`` prompts of each set (image 0, same seed); columns: models."""
+                    models: Sequence[str] = MODELS, labels: Sequence[str] | None = None) -> Image.Image:
+    """Rows: the first ``prompts_per_set`` prompts of each set (image 0, same seed); columns: ``models``, headed
+    ``labels`` (default: their row names)."""
+    labels = [ROW_NAMES.get(m, m) for m in models] if labels is None else list(labels)
     rows = []
     for set_name in sets:
         per_model = {m: read_index(samples_root / m / set_name) for m in models}
@@ -67,8 +95,8 @@ def comparison_grid(samples_root: Path, sets: Sequence[str], prompts_per_set: in
     font = ImageFont.load_default(size=14)
     grid = Image.new("RGB", (LABEL_W + CELL * len(models), 24 + CELL * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, m in enumerate(models):
-        draw.text((LABEL_W + j * CELL + 8, 4), ROW_NAMES[m], fill="black", font=font)
+    for j, label in enumerate(labels):
+        draw.text((LABEL_W + j * CELL + 8, 4), label[:16], fill="black", font=font)
     for i, (prompt, cells) in enumerate(rows):
         y = 24 + i * CELL
         draw.multiline_text((6, y + 6), "\n".join(textwrap.wrap(prompt, 34)[:6]), fill="black", font=font)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.sample_layout import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
@@ -34,6 +35,7 @@ from soar.progress import Progress
 
 NEGATIVE_PROMPT = ""  # the paper's negative prompt
 SetPlan = tuple[Path, list[dict]]  # a prompt set's folder and its entries (index lines)
+Sampler = Callable[[list[str], list[int]], np.ndarray]  # (prompts, seeds) -> uint8 RGB [N, H, W, 3], one per entry
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,17 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
+def prompts_digest(entries: list[dict]) -> str:
+    """SHA-256 of a set's (prompt index, prompt) lines, in order."""
+    return hashlib.sha256("".join(f"{e['prompt_index']}\t{e['prompt']}\n" for e in entries).encode()).hexdigest()
+
+
 def set_settings(model_digest: str, s, entries: list[dict], dtype: torch.dtype, device: torch.device,
                  text_encoder_dtype: str) -> dict:
     """What the images of one set are a function of; stored as ``sampling.json`` (see module doc)."""
-    prompts = hashlib.sha256("".join(f"{e['prompt_index']}\t{e['prompt']}\n" for e in entries).encode())
     return {"model": model_digest, "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
             "resolution": s.resolution, "seed": s.seed, "negative_prompt": NEGATIVE_PROMPT,
-            "prompts_sha256": prompts.hexdigest(), "dtype": str(dtype).removeprefix("torch."),
+            "prompts_sha256": prompts_digest(entries), "dtype": str(dtype).removeprefix("torch."),
             "text_encoder_dtype": text_encoder_dtype, "t5_max_length": s.t5_max_length, "device": device.type}
 
 
@@ -122,41 +128,51 @@ def open_bundle(cfg, transformer: Path | None, device: torch.device) -> SD3Bundl
     return bundle
 
 
-def sample_sets(state, label: str, sets: dict[str, SetPlan], s, digest: Callable[[], str],
-                load: Callable[[], SD3Bundle], text_encoder_dtype: str) -> int:
+def bundle_sampler(bundle: SD3Bundle, s) -> Sampler:
+    """Our own models' ``Sampler``: ``soar.euler.sample`` with the ``sample`` section ``s``'s settings."""
+    def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return sample(bundle, prompts, seeds, steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                      resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+    return run
+
+
+def own_settings(s, device: torch.device, text_encoder_dtype: str) -> Callable[[str, list[dict]], dict]:
+    """``sample_sets``' ``settings`` for our own models (``set_settings`` with the sampling dtype of ``device``)."""
+    return lambda digest, entries: set_settings(digest, s, entries, sampling_dtype(device), device, text_encoder_dtype)
+
+
+def sample_sets(state, label: str, sets: dict[str, SetPlan], batch_size: int, digest: Callable[[], str],
+                settings: Callable[[str, list[dict]], dict], load: Callable[[], Sampler]) -> int:
     """Sample the images of ``sets`` not on disk yet, this process's share; returns the new images of all processes.
 
     Collective: every process of ``state`` (an accelerate ``PartialState``) calls it. ``digest()`` (main
-    process) names the model for ``sampling.json``; ``load()`` gives the bundle, called only when this
-    process has work. ``s``: the ``sample`` section; ``text_encoder_dtype``: ``model.text_encoder_dtype``.
+    process, once) names the model; ``settings(digest, entries)`` is a set's ``sampling.json``; ``load()``
+    gives the ``Sampler``, called only when this process has work; batches of ``batch_size`` entries.
     """
     if state.is_main_process:
         model = digest()
         for set_dir, entries in sets.values():
-            prepare_set_dir(set_dir, set_settings(model, s, entries, sampling_dtype(state.device), state.device,
-                                                  text_encoder_dtype))
+            prepare_set_dir(set_dir, settings(model, entries))
     state.wait_for_everyone()  # nobody writes before the folders are checked
 
     batches = [b for name, (set_dir, entries) in sets.items()
-               for b in fixed_batches(name, set_dir, entries, s.batch_size)]
+               for b in fixed_batches(name, set_dir, entries, batch_size)]
     todo = [b for b in batches if missing(b.set_dir, list(b.entries))]
     mine = shard(todo, state.process_index, state.num_processes)
     if state.is_main_process:
         total = sum(len(entries) for _, entries in sets.values())
         on_disk = total - sum(len(missing(set_dir, entries)) for set_dir, entries in sets.values())
         log.info("sample %s: %d images in %d set(s), %d on disk; %d batch(es) of <= %d to do on %d process(es)",
-                 label, total, len(sets), on_disk, len(todo), s.batch_size, state.num_processes)
+                 label, total, len(sets), on_disk, len(todo), batch_size, state.num_processes)
     made = torch.tensor([0], device=state.device)  # new PNGs written by this process
     if mine:
-        bundle = load()
+        sampler = load()
         progress = Progress(f"sample {label}", sum(len(b.entries) for b in mine), unit="image",
                             main=state.is_main_process)
         for b in mine:
             entries = list(b.entries)
             try:
-                images = sample(bundle, [e["prompt"] for e in entries], [e["seed"] for e in entries],
-                                steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                                resolution=s.resolution, negative_prompt=NEGATIVE_PROMPT)
+                images = sampler([e["prompt"] for e in entries], [e["seed"] for e in entries])
             except FloatingPointError as err:
                 raise FloatingPointError(f"sample {label}, set {b.set_name}: {err}") from err
             for e, im in zip(entries, images, strict=True):

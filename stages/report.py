@@ -13,35 +13,36 @@ from pathlib import Path
 
 from pipeline.curves import read_curve, save_curves_png
 from pipeline.mlflow_views import RESULTS_VIEW, TRAINING_VIEW, install_views, run_url, view_url
-from pipeline.report import MODELS, columns, comparison_grid, results_table
+from pipeline.report import Row, columns, comparison_grid, results_table, table_rows
 from pipeline.tracking import run_group, stage_run
 from stages.common import declared, load, run_main
 from stages.score import ALL_METRICS
 
-PARAMS = ("sample", "score", "dynamics", "mlflow")
+PARAMS = ("references", "train", "sample", "score", "dynamics", "mlflow")
 DYNAMICS = ("sft", "soar")  # the training runs with reward-vs-step curves
 OUT = Path("data/report")
 FILES = ("results.md", "results.csv", "grid.png", "dynamics.png")
 UI = "http://127.0.0.1:5000"  # where the README's `mlflow server` command serves the UI
 
 
-def read_metrics(score_dir: Path, name: str) -> dict[str, dict[str, float]]:
-    """``{model: metrics}`` from each model's ``name`` file under ``score_dir``; a missing one names its stage."""
+def read_metrics(score_dir: Path, name: str, rows: list[Row]) -> dict[str, dict[str, float]]:
+    """``{model: metrics}`` from each row's ``name`` file under ``score_dir``; a missing one names its stage."""
     out = {}
-    for m in MODELS:
-        path = score_dir / m / name
+    for row in rows:
+        path = score_dir / row.model / name
         if not path.is_file():
-            raise FileNotFoundError(f"metrics not found: {path} (run score@{m})")
-        out[m] = json.loads(path.read_text())
+            stage = f"score@{row.model}" if row.model in ("base", "sft", "soar") else f"score_ref@{row.model}"
+            raise FileNotFoundError(f"metrics not found: {path} (run {stage})")
+        out[row.model] = json.loads(path.read_text())
     return out
 
 
-def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str]) -> str:
+def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str], rows: list[Row]) -> str:
     """The results run's description: the headline table first (the Overview shows the first lines until
     "Show more"), then the title, the other metrics' table and where the rest is."""
-    main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()})
+    main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()}, rows)
     others = {m: {k: x for k, x in v.items() if k not in headline} for m, v in metrics.items()}
-    rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others)[0]}\n"
+    rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others, rows)[0]}\n"
             if any(others.values()) else "")
     return (f"{main}\n**{title}**, run group `{run_group()}`.\n\n{rest}"
             "Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` (the same prompts and seeds for "
@@ -50,23 +51,26 @@ def description(title: str, metrics: dict[str, dict[str, float]], headline: list
 
 def main() -> None:
     cfg = load(PARAMS)
+    rows = table_rows(cfg.references, cfg.train.max_train_steps)
     score_dir = Path(cfg.score.out_dir)
-    metrics = read_metrics(score_dir, ALL_METRICS)
-    headline = columns(read_metrics(score_dir, "metrics.json"))  # the scorers' own metrics, paper order
-    md, csv_text = results_table(metrics)
+    metrics = read_metrics(score_dir, ALL_METRICS, rows)
+    headline = columns(read_metrics(score_dir, "metrics.json", rows))  # the scorers' own metrics, paper order
+    md, csv_text = results_table(metrics, rows)
     OUT.mkdir(parents=True, exist_ok=True)
     tiny = cfg.score.geneval_backend == "tiny"  # the tiny world's exact detector: its metrics are the tiny world's
     title = f"Results{' (tiny-world metrics; see README)' * tiny}"
     (OUT / "results.md").write_text(f"# {title}\n\n" + md)
     (OUT / "results.csv").write_text(csv_text)
-    grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts)
+    grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts,
+                           [r.model for r in rows], [r.label for r in rows])
     grid.save(OUT / "grid.png")
     curves = {m: read_curve(Path(cfg.dynamics.out_dir) / f"{m}.csv") for m in DYNAMICS}
     save_curves_png(curves, OUT / "dynamics.png")
     print(md)
     with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS), run_name="results") as run:
-        run.set_description(description(title, metrics, headline))
-        run.log_metrics({f"results/{m}/{k}": metrics[m][k] for m in MODELS for k in headline if k in metrics[m]})
+        run.set_description(description(title, metrics, headline, rows))
+        run.log_metrics({f"results/{r.model}/{k}": metrics[r.model][k] for r in rows for k in headline
+                         if k in metrics[r.model]})
         for name in FILES:
             run.log_artifact(OUT / name)
         if run.active:

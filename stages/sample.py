@@ -1,4 +1,5 @@
 """Stage `sample@{base,sft,soar}`: images for every prompt set, one fixed seed per image, on any number of processes.
+(``stages.sample_ref`` runs the same for a reference model through its own diffusers pipeline.)
 
     python -m stages.sample base                                                  # one process
     accelerate launch --config_file pipeline/launch/multi_gpu.yaml --num_processes 8 -m stages.sample base
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +23,17 @@ from accelerate import PartialState
 
 from pipeline.grids import captioned_grid
 from pipeline.sample_layout import load_image
-from pipeline.sample_sets import SetPlan, complete_sets, model_digest, open_bundle, plan_sets, sample_sets
+from pipeline.sample_sets import (
+    Sampler,
+    SetPlan,
+    bundle_sampler,
+    complete_sets,
+    model_digest,
+    open_bundle,
+    own_settings,
+    plan_sets,
+    sample_sets,
+)
 from pipeline.tracking import stage_run
 from soar.models.geometry import check_side, pixel_multiple
 from stages.common import declared, load, run_main
@@ -40,14 +52,24 @@ def main(model: str) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     transformer = Path(cfg.model.base_path) / "transformer" if model == BASE else \
         Path(cfg.model.models_dir) / model / "transformer"
+    weights = None if model == BASE else transformer  # None: the base folder's own
+    run_sampling(cfg, model, state, s.batch_size, digest=lambda: model_digest(cfg.model.base_path, transformer),
+                 settings=own_settings(s, state.device, cfg.model.text_encoder_dtype),
+                 loader=lambda: bundle_sampler(open_bundle(cfg, weights, state.device), s),
+                 params=declared(cfg, PARAMS))
+
+
+def run_sampling(cfg, model: str, state, batch_size: int, *, digest: Callable[[], str],
+                 settings: Callable[[str, list[dict]], dict], loader: Callable[[], Sampler], params: dict) -> None:
+    """Sample ``cfg.sample``'s prompt sets into ``{sample.out_dir}/{model}`` (``sample_sets``' arguments), then on
+    the main process write the indexes and log the MLflow run ``sample:{model}`` with ``params``."""
+    s = cfg.sample
     sets = plan_sets(s, Path(s.out_dir) / model)
     total = sum(len(entries) for _, entries in sets.values())
 
-    with stage_run(cfg.mlflow, "sample", model, declared(cfg, PARAMS), main_process=state.is_main_process) as run:
+    with stage_run(cfg.mlflow, "sample", model, params, main_process=state.is_main_process) as run:
         tic = time.perf_counter()
-        made = sample_sets(state, model, sets, s, digest=lambda: model_digest(cfg.model.base_path, transformer),
-                           load=lambda: open_bundle(cfg, None if model == BASE else transformer, state.device),
-                           text_encoder_dtype=cfg.model.text_encoder_dtype)
+        made = sample_sets(state, model, sets, batch_size, digest=digest, settings=settings, load=loader)
         seconds = time.perf_counter() - tic
         if state.is_main_process:
             finish(run, sets, grid_images=cfg.mlflow.grid_images if cfg.mlflow.log_images else 0)

@@ -126,7 +126,7 @@ def test_plain_dvc_repro_runs_the_paper_graph(paper_repo, paper_repro):
                                                                    "empty_caption": 1}
     md = (dest / "data/report/results.md").read_text()
     assert md.startswith("# Results\n")  # not labelled as tiny-world metrics
-    for row in ("| base |", "| +SFT |", "| +SOAR |"):
+    for row in ("| base |", "| + SFT | ", "| + SOAR | "):
         assert row in md
     metrics = json.loads((dest / "data/scores/soar/metrics.json").read_text())
     assert {"geneval", "ocr", "clipscore", "pickscore", "aesthetic"} <= set(metrics)

@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` on a micro profile in a copy of the repo, then the report and MLflow runs.
+"""End to end: `dvc repro` on a micro profile in a copy of the repo, with one tiny reference model of each
+family (SD-XL, SD3, FLUX pipelines), then the six-row report and MLflow runs.
 
 Also checks DVC's change tracking: a second `dvc repro` runs nothing, and
 `dvc exp run -S soar.lambda_aux=0.5` reruns train@soar and what depends on it, not SFT or base; the views a
@@ -21,8 +22,10 @@ import pytest
 import yaml
 from helpers import free_port, start_mlflow_server
 from PIL import Image
+from reference_layouts import write_flux_folder, write_sdxl_folder
 from repo_copy import commit_all, copy_checkout, ran_stages, run
 from ruamel.yaml import YAML
+from sd35_layout import write_sd35_folder
 
 from pipeline.config import read_params
 
@@ -35,6 +38,13 @@ MICRO = {  # seconds-scale sizes; everything else stays the default tiny profile
     "train": {"max_train_steps": 2, "train_batch_size": 4, "log_every": 1, "snapshot_steps": 1},
     "sample": {"num_inference_steps": 3, "grid_prompts": 2},
 }
+REFERENCES = {  # one tiny model per family, each in the real diffusers layout, at the micro sampling size
+    "sdxl": {"family": "sdxl", "label": "SD-XL (1024²)", "negative_prompt": ""},
+    "sd35l": {"family": "sd3", "label": "SD3.5-L (1024²)", "negative_prompt": "", "max_sequence_length": 16},
+    "flux": {"family": "flux", "label": "FLUX.1-Dev", "negative_prompt": None, "max_sequence_length": 16},
+}
+WRITERS = {"sdxl": write_sdxl_folder, "sd3": write_sd35_folder, "flux": write_flux_folder}
+TABLE = ["SD-XL (1024²)", "SD3.5-L (1024²)", "FLUX.1-Dev", "base", "+ SFT", "+ SOAR"]  # the paper's row order
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +53,10 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for section, values in MICRO.items():
         params[section].update(values)
+    params["references"] = {
+        name: {"path": str(WRITERS[ref["family"]](dest.parent / "references" / name)), **ref, "resolution": 32,
+               "num_inference_steps": 3, "guidance_scale": 3.5, "batch_size": 8}
+        for name, ref in REFERENCES.items()}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = commit_all(dest, "micro")
     env.pop("MLFLOW_TRACKING_URI")  # the default store: mlflow.db and mlruns/ in the repository, as users have it
@@ -71,17 +85,26 @@ def test_repro_writes_the_report(repo, first_repro):
     assert {"synth", "prepare", "pretrain", "train@sft", "train@soar", "dynamics@sft", "dynamics@soar",
             "report"} <= ran_stages(first_repro)
     md = (dest / "data/report/results.md").read_text()
-    for row in ("| base |", "| +SFT |", "| +SOAR |"):
-        assert row in md
+    assert {"sample_ref@sdxl", "sample_ref@sd35l", "sample_ref@flux", "score_ref@flux"} <= ran_stages(first_repro)
+    assert md.splitlines()[2].startswith("| Model | #Iter | GenEval | OCR |")
+    assert [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[4:10]] == TABLE
+    assert [line.split(" | ")[1] for line in md.splitlines()[4:10]] == ["–", "–", "–", "–", "2", "2"]
     assert set(json.loads((dest / "data/scores/soar/metrics.json").read_text())) == {"geneval", "ocr"}  # headline
     assert "geneval/position" in json.loads((dest / "data/scores/soar/all_metrics.json").read_text())
     rows = list(csv.DictReader((dest / "data/report/results.csv").open()))
-    assert [r["model"] for r in rows] == ["base", "+SFT", "+SOAR"]
+    assert [r["model"] for r in rows] == TABLE and [r["iterations"] for r in rows] == ["–"] * 4 + ["2", "2"]
     for r in rows:
         for key in ("geneval", "ocr", "geneval/position"):
             assert 0.0 <= float(r[key]) <= 1.0
     grid = Image.open(dest / "data/report/grid.png")
-    assert grid.width > 3 * 64 and grid.height > 4 * 64  # three model columns, 2 prompts x 2 sets
+    assert grid.width > 6 * 64 and grid.height > 4 * 64  # six model columns, 2 prompts x 2 sets
+    for name in REFERENCES:  # the same prompts and seeds, the layout and the guard of our own samples
+        index = [json.loads(line) for line in (dest / f"data/samples/{name}/geneval/index.jsonl").open()]
+        ours = [json.loads(line) for line in (dest / "data/samples/base/geneval/index.jsonl").open()]
+        assert [(e["prompt"], e["seed"]) for e in index] == [(e["prompt"], e["seed"]) for e in ours]
+        guard = json.loads((dest / f"data/samples/{name}/geneval/sampling.json").read_text())
+        assert guard["family"] == REFERENCES[name]["family"] and guard["resolution"] == 32
+        assert Image.open(dest / f"data/samples/{name}/geneval/00000/samples/0000.png").size == (32, 32)
     assert (dest / "data/samples/soar/geneval/00000/samples/0000.png").is_file()
     assert (dest / "data/samples/soar/geneval/00000/metadata.jsonl").is_file()
     assert (dest / "dvc.lock").is_file()
@@ -114,10 +137,11 @@ def test_mlflow_has_one_run_per_stage(repo, first_repro):
     expected = {("synth", "world"), ("prepare", "filter"), ("pretrain", "base"), ("train", "sft"), ("train", "soar"),
                 ("sample", "base"), ("sample", "sft"), ("sample", "soar"), ("score", "base"), ("score", "sft"),
                 ("score", "soar"), ("dynamics", "sft"), ("dynamics", "soar"), ("report", "all"), ("embed", "text")}
+    expected |= {(stage, name) for stage in ("sample", "score") for name in REFERENCES}
     assert expected <= set(by) and len(runs) == len(expected)  # one run each
     assert len({r.data.tags["run_group"] for r in runs}) == 1  # one `dvc repro`, one group
     assert by[("report", "all")].info.run_name == "results"
-    assert "| +SOAR |" in by[("report", "all")].data.tags["mlflow.note.content"]
+    assert "| + SOAR |" in by[("report", "all")].data.tags["mlflow.note.content"]
     assert set(by[("score", "soar")].data.metrics) == {"geneval", "ocr"}  # the headline numbers only
     assert not any(k.startswith("final/") for k in by[("train", "soar")].data.metrics)
     for r in runs:  # artifacts under the repository's mlruns/, by a relative path
@@ -218,9 +242,9 @@ def test_mlflow_server_over_the_moved_repository_shows_the_comparison(repo, exp_
         name = exp_name(moved, env)
         (first,) = set(results) - {name}
         assert first.startswith("repro-") and set(results) == set(scores) == {first, name}
-        assert scores == {first: {"base", "sft", "soar"}, name: {"soar"}}  # the experiment rescored SOAR only
+        assert scores == {first: {"base", "sft", "soar", *REFERENCES}, name: {"soar"}}  # the experiment: SOAR only
         for group, r in results.items():
-            assert "| +SOAR |" in r["tags"]["mlflow.note.content"] and group in r["tags"]["mlflow.note.content"]
+            assert "| + SOAR |" in r["tags"]["mlflow.note.content"] and group in r["tags"]["mlflow.note.content"]
         newest = results[name]["info"]["run_id"]
         served = api(port, f"/get-artifact?path=results.md&run_uuid={newest}")
         assert served == (moved / "data/report/results.md").read_bytes()
