@@ -7,6 +7,7 @@ Lanczos), the prompt is wrapped under its image.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from collections.abc import Sequence
 
@@ -18,6 +19,15 @@ COLUMNS = 6  # images per row
 CAPTION_LINES = 4  # prompt lines kept under each image (longer prompts end with "…")
 FONT_SIZE = 13  # caption font size, pixels
 PAD = 8  # gap between cells and around the grid, pixels
+
+
+@functools.cache
+def label_font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans at ``size`` pixels (shipped with matplotlib): prompts and labels beyond ASCII ("²", "é", "…")
+    draw as letters, where Pillow's built-in font draws boxes."""
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
 
 
 def fit(image: np.ndarray | Image.Image, side: int = CELL) -> Image.Image:
@@ -58,7 +68,7 @@ def captioned_grid(images: Sequence[np.ndarray | Image.Image], captions: Sequenc
         raise ValueError(f"captioned_grid: {len(images)} images but {len(captions)} captions")
     if not images:
         raise ValueError("captioned_grid: no images")
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = label_font()
     line_h = FONT_SIZE + 3
     cols = min(columns, len(images))
     rows = -(-len(images) // cols)

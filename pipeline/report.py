@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from pipeline.grids import label_font
 from pipeline.sample_layout import load_image, read_index
 
 MODELS = ("base", "sft", "soar")
@@ -92,7 +93,7 @@ def comparison_grid(samples_root: Path, sets: Sequence[str], prompts_per_set: in
                                      "differently from the other models")
                 cells.append(load_image(samples_root / m / set_name / match[0]["path"]))
             rows.append((e["prompt"], cells))
-    font = ImageFont.load_default(size=14)
+    font = label_font(14)
     grid = Image.new("RGB", (LABEL_W + CELL * len(models), 24 + CELL * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(labels):

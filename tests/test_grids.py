@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from pipeline.grids import CAPTION_LINES, FONT_SIZE, PAD, caption_lines, captioned_grid, fit
 
@@ -55,3 +55,17 @@ def test_images_and_captions_must_pair_up():
         captioned_grid([solid(0), solid(1)], ["one"])
     with pytest.raises(ValueError, match="no images"):
         captioned_grid([], [])
+
+
+def test_labels_beyond_ascii_draw_as_letters():
+    """"SD-XL (1024²)" and accented prompts: the label font has the glyphs (not the missing-glyph box)."""
+    from pipeline.grids import label_font
+
+    def ink(font, char: str) -> np.ndarray:
+        return np.array(font.getmask(char), dtype=np.uint8).reshape(font.getmask(char).size[::-1])
+
+    box = "\U000f0000"  # a private-use code point: any font's missing-glyph box
+    builtin = ImageFont.load_default(size=13)
+    assert np.array_equal(ink(builtin, "²"), ink(builtin, box))  # what the grids drew before: a box
+    for char in "²é…":
+        assert not np.array_equal(ink(label_font(), char), ink(label_font(), box)), char

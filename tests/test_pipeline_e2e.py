@@ -110,6 +110,26 @@ def test_repro_writes_the_report(repo, first_repro):
     assert (dest / "dvc.lock").is_file()
 
 
+def test_reference_images_equal_their_pipelines(repo, first_repro):
+    """What sample_ref@ wrote through DVC is what the family's pipeline makes of the same batch (the stage's
+    first batch of the geneval set: its prompts and per-image seeds)."""
+    import torch
+
+    from pipeline.config import parse_config
+    from pipeline.references import load_reference, sample_reference
+    from pipeline.sample_layout import load_image
+
+    dest, _ = repo
+    cfg = parse_config(read_params(dest / "params.yaml"))
+    for name, ref in cfg.references.items():
+        set_dir = dest / f"data/samples/{name}/geneval"
+        batch = [json.loads(line) for line in (set_dir / "index.jsonl").open()][:ref.batch_size]
+        images = sample_reference(load_reference(ref, torch.device("cpu"), name), ref, [e["prompt"] for e in batch],
+                                  [e["seed"] for e in batch])
+        for e, image in zip(batch, images, strict=True):
+            assert (load_image(set_dir / e["path"]) == image).all(), (name, e["path"])
+
+
 def test_repro_writes_the_training_dynamics(repo, first_repro):
     dest, _ = repo
     final = json.loads((dest / "data/scores/soar/all_metrics.json").read_text())
