@@ -123,7 +123,7 @@ def main() -> None:
             shoot(page, view_url(ui, experiment, RESULTS_VIEW), out / "mlflow_results_view.png",
                   ["score:base", "score:sft", "score:soar", "geneval", "run_group"], "base / SFT / SOAR view")
             shoot(page, run_url(ui, experiment, results), out / "mlflow_results_run.png",
-                  ["+SFT", "+SOAR", "results/soar/geneval"], "results run")
+                  ["+ SFT", "+ SOAR", "results/soar/geneval"], "results run")
             shoot(page, view_url(ui, experiment, TRAINING_VIEW, charts=True), out / "mlflow_training_view.png",
                   ["Training", "Reward vs step", "loss_aux"], "training curves view")
             shoot(page, f"{run_url(ui, experiment, sample).replace('?', '/artifacts/samples/geneval.png?')}",
