@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,19 +60,34 @@ def header(key: str) -> str:
     return PAPER_COLUMNS.get(key, key)
 
 
-def results_table(metrics: Mapping[str, Mapping[str, float]], rows: Sequence[Row]) -> tuple[str, str]:
+def cell(value: float | None, interval: tuple[float, float] | None) -> str:
+    """A table cell: ``0.1510 (0.103–0.216)`` (the value, its 95 % interval), ``–`` for a missing value."""
+    if value is None:
+        return "–"
+    if interval is None or any(math.isnan(b) for b in interval):
+        return f"{value:.4f}"
+    return f"{value:.4f} ({interval[0]:.3f}–{interval[1]:.3f})"
+
+
+def results_table(metrics: Mapping[str, Mapping[str, float]], rows: Sequence[Row],
+                  intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> tuple[str, str]:
     """(markdown, csv): one line per row whose model has metrics, in ``rows`` order; columns Model, #Iter, then
-    ``columns(metrics)``; a metric a model lacks is ``–`` (empty in the csv)."""
-    cols = columns(metrics)
+    ``columns(metrics)``, each cell with its 95 % interval from ``intervals`` (model -> metric -> (lo, hi);
+    ``pipeline.intervals``) in parentheses, the csv with ``<metric>_lo`` / ``<metric>_hi`` columns; a metric a
+    model lacks is ``–`` (empty in the csv)."""
+    cols, intervals = columns(metrics), intervals or {}
     md = ["| Model | #Iter | " + " | ".join(header(c) for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["model", "iterations", *cols])
+    writer.writerow(["model", "iterations", *(k for c in cols for k in (c, f"{c}_lo", f"{c}_hi"))])
     for row in (r for r in rows if r.model in metrics):
         values = [metrics[row.model].get(c) for c in cols]
+        bounds = [intervals.get(row.model, {}).get(c) for c in cols]
         md.append(f"| {row.label} | {row.iterations} | "
-                  + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |")
-        writer.writerow([row.label, row.iterations, *("" if v is None else f"{v:.6f}" for v in values)])
+                  + " | ".join(cell(v, b) for v, b in zip(values, bounds, strict=True)) + " |")
+        writer.writerow([row.label, row.iterations, *(
+            "" if x is None or math.isnan(x) else f"{x:.6f}"
+            for v, b in zip(values, bounds, strict=True) for x in (v, *(b or (None, None))))])
     return "\n".join(md) + "\n", buf.getvalue()
 
 

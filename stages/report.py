@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline.curves import read_curve, save_curves_png
+from pipeline.intervals import set_intervals
 from pipeline.mlflow_views import RESULTS_VIEW, TRAINING_VIEW, install_views, run_url, view_url
 from pipeline.report import Row, columns, comparison_grid, results_table, table_rows
 from pipeline.tracking import run_group, stage_run
@@ -37,12 +38,19 @@ def read_metrics(score_dir: Path, name: str, rows: list[Row]) -> dict[str, dict[
     return out
 
 
-def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str], rows: list[Row]) -> str:
+def read_intervals(score_dir: Path, rows: list[Row]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{model: {metric: 95 % interval}}`` from each row's ``scores.jsonl`` (``pipeline.intervals``)."""
+    return {r.model: set_intervals([json.loads(line) for line in (score_dir / r.model / "scores.jsonl").open()])
+            for r in rows}
+
+
+def description(title: str, metrics: dict[str, dict[str, float]], headline: list[str], rows: list[Row],
+                intervals: dict[str, dict[str, tuple[float, float]]]) -> str:
     """The results run's description: the headline table first (the Overview shows the first lines until
     "Show more"), then the title, the other metrics' table and where the rest is."""
-    main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()}, rows)
+    main, _ = results_table({m: {k: v[k] for k in headline if k in v} for m, v in metrics.items()}, rows, intervals)
     others = {m: {k: x for k, x in v.items() if k not in headline} for m, v in metrics.items()}
-    rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others, rows)[0]}\n"
+    rest = (f"Per GenEval tag and the other metrics:\n\n{results_table(others, rows, intervals)[0]}\n"
             if any(others.values()) else "")
     return (f"{main}\n**{title}**, run group `{run_group()}`.\n\n{rest}"
             "Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` (the same prompts and seeds for "
@@ -55,10 +63,11 @@ def main() -> None:
     score_dir = Path(cfg.score.out_dir)
     metrics = read_metrics(score_dir, ALL_METRICS, rows)
     headline = columns(read_metrics(score_dir, "metrics.json", rows))  # the scorers' own metrics, paper order
-    md, csv_text = results_table(metrics, rows)
+    intervals = read_intervals(score_dir, rows)
+    md, csv_text = results_table(metrics, rows, intervals)
     OUT.mkdir(parents=True, exist_ok=True)
     tiny = cfg.score.geneval_backend == "tiny"  # the tiny world's exact detector: its metrics are the tiny world's
-    title = f"Results{' (tiny-world metrics; see README)' * tiny}"
+    title = f"Results{' (tiny-world metrics; see README)' * tiny}, each with its 95 % interval"
     (OUT / "results.md").write_text(f"# {title}\n\n" + md)
     (OUT / "results.csv").write_text(csv_text)
     grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts,
@@ -68,7 +77,7 @@ def main() -> None:
     save_curves_png(curves, OUT / "dynamics.png")
     print(md)
     with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS), run_name="results") as run:
-        run.set_description(description(title, metrics, headline, rows))
+        run.set_description(description(title, metrics, headline, rows, intervals))
         run.log_metrics({f"results/{r.model}/{k}": metrics[r.model][k] for r in rows for k in headline
                          if k in metrics[r.model]})
         for name in FILES:

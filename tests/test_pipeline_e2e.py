@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import urllib.request
@@ -95,7 +96,9 @@ def test_repro_writes_the_report(repo, first_repro):
     assert [r["model"] for r in rows] == TABLE and [r["iterations"] for r in rows] == ["–"] * 4 + ["2", "2"]
     for r in rows:
         for key in ("geneval", "ocr", "geneval/position"):
-            assert 0.0 <= float(r[key]) <= 1.0
+            assert 0.0 <= float(r[f"{key}_lo"]) <= float(r[key]) <= float(r[f"{key}_hi"]) <= 1.0  # 95 % interval
+            assert float(r[f"{key}_hi"]) > float(r[f"{key}_lo"])  # a dozen images: never a point
+    assert re.search(r"\| \d\.\d{4} \(\d\.\d{3}–\d\.\d{3}\) \|", md.splitlines()[4])  # cells show intervals
     grid = Image.open(dest / "data/report/grid.png")
     assert grid.width > 6 * 64 and grid.height > 4 * 64  # six model columns, 2 prompts x 2 sets
     for name in REFERENCES:  # the same prompts and seeds, the layout and the guard of our own samples
