@@ -95,6 +95,9 @@ def paper_repo(tmp_path_factory, folders) -> tuple[Path, dict]:  # noqa: F811
         "geneval": {"path": str(sets / "geneval.jsonl"), "format": "geneval", "images_per_prompt": 1},
         "ocr": {"path": str(sets / "ocr.txt"), "format": "text", "images_per_prompt": 1},
         "drawbench": {"path": str(sets / "drawbench.txt"), "format": "text", "images_per_prompt": 1}}
+    # the reference rows (SD-XL, SD3.5-L, FLUX.1-dev) need their public weights; tests/test_pipeline_e2e.py runs one
+    # tiny model of each family through the same stages
+    params["references"] = {}
     # HPSv2.1 and ImageReward exist only at their published sizes (ViT-H-14, BLIP ViT-L): too big for a test run
     params["score"]["scorers"]["drawbench"] = ["pickscore", "clipscore", "aesthetic"]
     params["score"]["checkpoints"].update(
