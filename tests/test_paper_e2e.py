@@ -128,7 +128,7 @@ def test_plain_dvc_repro_runs_the_paper_graph(paper_repo, paper_repro):
     assert {k: v for k, v in report["dropped"].items() if v} == {"malformed": 1, "missing_image": 1,
                                                                    "empty_caption": 1}
     md = (dest / "data/report/results.md").read_text()
-    assert md.startswith("# Results\n")  # not labelled as tiny-world metrics
+    assert md.startswith("# Results, each with its 95 % interval\n")  # not labelled as tiny-world metrics
     for row in ("| base |", "| + SFT | ", "| + SOAR | "):
         assert row in md
     metrics = json.loads((dest / "data/scores/soar/metrics.json").read_text())
