@@ -144,6 +144,13 @@ def test_sample_equals_the_family_pipeline(family, loaded, direct):
     assert min(im.std() for im in images) > 5  # not blank
 
 
+def same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to the VAE decode's float rounding, which depends on how the threads split the batch (with one
+    thread the bytes are equal; with two, 1 value in 12,288 moved one grey level here)."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return int(diff.max()) <= 1 and float((diff > 0).mean()) < 1e-3
+
+
 def test_image_depends_on_its_own_seed_and_prompt(family, loaded):
     """The same (prompt, seed) at another position of a batch of the same size gives the same image; other seeds
     give other images."""
@@ -152,9 +159,9 @@ def test_image_depends_on_its_own_seed_and_prompt(family, loaded):
     order = [2, 0, 1]
     moved = sample_reference(pipe, ref, [PROMPTS[i] for i in order], [SEEDS[i] for i in order])
     for j, i in enumerate(order):
-        assert np.array_equal(moved[j], images[i]), (family, i)
+        assert same_image(moved[j], images[i]), (family, i)
     same_prompt = sample_reference(pipe, ref, [PROMPTS[0]] * 3, SEEDS)
-    assert np.array_equal(same_prompt[0], images[0])
+    assert same_image(same_prompt[0], images[0])
     assert all(np.abs(same_prompt[i].astype(int) - same_prompt[j]).mean() > 1 for i, j in [(0, 1), (0, 2), (1, 2)])
 
 
