@@ -52,7 +52,7 @@ from soar.rewards import weights
 from soar.rewards.clip_scores import CLIP_VIT_L14_HUB_ID, MODEL_FILES, ClipEncoder, load_clip, locate_model_folder
 from soar.rewards.geneval import GenEvalBase
 from soar.rewards.geneval_rules import GENEVAL_COLORS, THRESHOLD, Detection, keep_detections
-from soar.rewards.mmdet_mask2former import load_mmdet_mask2former
+from soar.rewards.mmdet_mask2former import MMDET_COCO_CLASSES, load_mmdet_mask2former
 
 MASK2FORMER_HUB_ID = "facebook/mask2former-swin-small-coco-instance"  # transformers port of the Swin-S COCO model
 # GenEval's detector (its download_models.sh): mmdetection's model zoo, Mask2Former Swin-S COCO instances.
@@ -69,17 +69,8 @@ COLOR_AUTOCAST_DTYPES = ("float16", "bfloat16")  # allowed autocast dtypes of th
 DEFAULT_COLOR_AUTOCAST = "float16"  # clip_benchmark's amp=True: torch.cuda.amp.autocast() (float16)
 AUTOCAST_DEVICE_TYPES = ("cuda",)  # devices the colour forwards autocast on (the official one runs on CUDA)
 # evaluation/object_names.txt: mmdet's COCO classes in mmdet's order, with GenEval's three renames.
-GENEVAL_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
+GENEVAL_RENAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+GENEVAL_CLASSES = tuple(GENEVAL_RENAMES.get(c, c) for c in MMDET_COCO_CLASSES)
 # Other spellings of the same classes (Detectron2/HF id2label, PASCAL-style names) -> GenEval's.
 LABEL_ALIASES = {
     "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "motorbike": "motorcycle",
