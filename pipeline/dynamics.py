@@ -7,6 +7,10 @@ same seeds, steps, CFG, batches; on any number of processes, resumable) into
 (``pipeline.evaluation``). ``dynamics.max_prompts_per_set`` keeps that many prompts of each set, evenly
 spaced in file order, each with the seed it has in the full set.
 
+The last snapshot holds the trained model's weights (the same bytes as ``{models_dir}/{method}/transformer``),
+which the sample stage has sampled with the same settings: those images are copied, not sampled again
+(``pipeline.sample_sets``' ``reuse``: only when the recorded weights digest and settings are equal).
+
 Step 0 is the base model, never sampled again: its ``all_metrics.json`` from the score stage when every
 prompt is evaluated, else its per-image ``scores.jsonl`` records of the kept prompts, aggregated by the
 same scorers.
@@ -99,7 +103,8 @@ def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root
         made = sample_sets(state, f"{method}@{step}", plans[step], cfg.sample.batch_size,
                            digest=lambda t=transformer: model_digest(cfg.model.base_path, t),
                            settings=own_settings(cfg.sample, state.device, cfg.model.text_encoder_dtype),
-                           load=lambda t=transformer: bundle_sampler(loader(t), cfg.sample))
+                           load=lambda t=transformer: bundle_sampler(loader(t), cfg.sample),
+                           reuse={name: Path(cfg.sample.out_dir) / method / name for name in plans[step]})
         if state.is_main_process:
             complete_sets(plans[step])
         progress.advance(note=f"step {step}: {made} new images")

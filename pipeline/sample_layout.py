@@ -72,6 +72,23 @@ def prepare_set_dir(set_dir: Path, settings: dict) -> int:
     return sum(1 for _ in set_dir.rglob("*.png"))
 
 
+def copy_same_settings(set_dir: Path, donor: Path, entries: list[dict]) -> int:
+    """Copy into ``set_dir`` the missing PNGs of ``entries`` that ``donor`` holds, when ``donor``'s ``sampling.json``
+    equals ``set_dir``'s (same weights' bytes, sampler settings, prompts and seeds: the images sampling would
+    make); returns the number copied (0 when the settings differ or ``donor`` has none). Call after
+    ``prepare_set_dir``, on one process."""
+    mine, theirs = set_dir / SETTINGS, donor / SETTINGS
+    if not theirs.is_file() or json.loads(theirs.read_text()) != json.loads(mine.read_text()):
+        return 0
+    copied = 0
+    for e in missing(set_dir, entries):
+        source = donor / e["path"]
+        if source.is_file():
+            atomic.write_bytes(set_dir / e["path"], source.read_bytes())
+            copied += 1
+    return copied
+
+
 def folder_digest(folder: Path, content: bool = True) -> str:
     """SHA-256 over the relative names, sizes and (``content``) bytes of every file under ``folder``."""
     folder = Path(folder)

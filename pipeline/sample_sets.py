@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.sample_layout import folder_digest, image_path, missing, prepare_set_dir, save_png, write_index
+from pipeline.sample_layout import (
+    copy_same_settings,
+    folder_digest,
+    image_path,
+    missing,
+    prepare_set_dir,
+    save_png,
+    write_index,
+)
 from soar.data.prompts import read_prompt_set
 from soar.euler import image_seed, sample
 from soar.models.bundle import SD3Bundle, load_bundle
@@ -142,17 +150,23 @@ def own_settings(s, device: torch.device, text_encoder_dtype: str) -> Callable[[
 
 
 def sample_sets(state, label: str, sets: dict[str, SetPlan], batch_size: int, digest: Callable[[], str],
-                settings: Callable[[str, list[dict]], dict], load: Callable[[], Sampler]) -> int:
+                settings: Callable[[str, list[dict]], dict], load: Callable[[], Sampler],
+                reuse: dict[str, Path] | None = None) -> int:
     """Sample the images of ``sets`` not on disk yet, this process's share; returns the new images of all processes.
 
     Collective: every process of ``state`` (an accelerate ``PartialState``) calls it. ``digest()`` (main
     process, once) names the model; ``settings(digest, entries)`` is a set's ``sampling.json``; ``load()``
     gives the ``Sampler``, called only when this process has work; batches of ``batch_size`` entries.
+    ``reuse``: set name -> a folder sampled before, whose images are copied instead of sampled when its
+    ``sampling.json`` is this set's (``copy_same_settings``): not counted as new images.
     """
     if state.is_main_process:
         model = digest()
-        for set_dir, entries in sets.values():
+        for name, (set_dir, entries) in sets.items():
             prepare_set_dir(set_dir, settings(model, entries))
+            if reuse and name in reuse and (copied := copy_same_settings(set_dir, reuse[name], entries)):
+                log.info("sample %s: %d image(s) of set %s copied from %s (sampled with the same weights and "
+                         "settings)", label, copied, name, reuse[name])
     state.wait_for_everyone()  # nobody writes before the folders are checked
 
     batches = [b for name, (set_dir, entries) in sets.items()

@@ -9,6 +9,7 @@ the base model's score-stage metrics.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -95,9 +96,30 @@ def work(tmp_path_factory) -> Path:
     params = write_params(work, None)
     run_stage(work, params, stages.sample.main, "base")
     run_stage(work, params, stages.score.main, "base")
+    run_stage(work, params, stages.sample.main, "soar")  # the final model: step 2's weights, sampled by sample@soar
     (work / "dynamics" / "soar" / "step-000099").mkdir(parents=True)  # an older run's step: removed
-    run_stage(work, params, stages.dynamics.main, "soar")
+    handler, logger = Recorder(), logging.getLogger("pipeline.sample_sets")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run_stage(work, params, stages.dynamics.main, "soar")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (work / "dynamics_log.txt").write_text("\n".join(handler.messages))
     return work
+
+
+class Recorder(logging.Handler):
+    """Keeps the messages of the records it sees (``logging`` at any level the logger passes)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def direct_metrics(model_dir: Path, transformer: Path | None, prompt_indices: dict[str, list[int]]) -> dict:
@@ -126,6 +148,12 @@ def test_curve_rows_equal_direct_scores_of_each_snapshot(work):
         assert rows[step] == {"step": step, **direct_metrics(work / "model", transformer, everything)}, step
     assert {"geneval", "geneval/single_object", "geneval/color_attr", "ocr", "ocr/test_brightness"} <= rows[0].keys()
     assert len({r["geneval/test_brightness"] for r in rows}) == 3  # every step sampled other images
+    # step 2 is the final model: its images are sample@soar's, copied (the same bytes), step 1's are sampled
+    copied = [m for m in (work / "dynamics_log.txt").read_text().splitlines() if "copied from" in m]
+    assert sorted(m.split()[1] for m in copied) == ["soar@2:", "soar@2:"], copied  # both sets of step 2 only
+    for path in (work / "samples" / "soar" / "geneval").rglob("*.png"):
+        rel = path.relative_to(work / "samples" / "soar")
+        assert (work / "dynamics" / "soar" / "step-000002" / rel).read_bytes() == path.read_bytes()
     assert not (work / "dynamics" / "soar" / "step-000099").exists()
     assert (work / "dynamics" / "soar" / "step-000002" / "geneval" / "00003" / "samples" / "0000.png").is_file()
     header = (work / "dynamics" / "soar.csv").read_text().splitlines()[0].split(",")

@@ -27,7 +27,7 @@ import stages.common
 import stages.sample
 from pipeline.config import parse_config, read_params
 from pipeline.sample_layout import INDEX, SETTINGS, prepare_set_dir
-from pipeline.sample_sets import fixed_batches, shard
+from pipeline.sample_sets import fixed_batches, sample_sets, shard
 from soar.atomic import TEMP_GLOB, TEMP_INFIX
 from soar.euler import image_seed, sample
 from soar.models.bundle import load_bundle
@@ -220,3 +220,39 @@ def test_set_folder_kept_only_for_the_same_settings(tmp_path):
     assert not list(d.rglob(TEMP_GLOB))
     assert prepare_set_dir(d, {**settings, "seed": 2}) == 0  # other settings: sampled again
     assert json.loads((d / SETTINGS).read_text())["seed"] == 2
+
+
+class OneProcess:
+    """What ``sample_sets`` reads of an accelerate ``PartialState``: one process on the CPU."""
+
+    is_main_process, process_index, num_processes, use_distributed = True, 0, 1, False
+    device = torch.device("cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_reuse_copies_images_of_the_same_settings_and_samples_otherwise(tmp_path):
+    entries = [{"prompt_index": i, "image_index": 0, "prompt": f"p{i}", "seed": i, "path": f"{i:05d}/samples/0000.png"}
+               for i in range(3)]
+    calls = []
+
+    def sampler(prompts, seeds):
+        calls.append(seeds)
+        return np.stack([np.full((4, 4, 3), 10 + s, np.uint8) for s in seeds])
+
+    def run(name: str, settings: dict, reuse: dict | None) -> int:
+        return sample_sets(OneProcess(), name, {"set": (tmp_path / name, entries)}, 2, digest=lambda: "weights",
+                           settings=lambda digest, e: {**settings, "model": digest}, load=lambda: sampler,
+                           reuse=reuse)
+
+    assert run("donor", {"seed": 1}, None) == 3 and len(calls) == 2  # batches of 2 and 1
+    donor_png = tmp_path / "donor" / entries[1]["path"]
+    donor_png.write_bytes(donor_png.read_bytes() + b"marker")  # what a copy carries and sampling would not
+    assert run("same", {"seed": 1}, {"set": tmp_path / "donor"}) == 0 and len(calls) == 2  # nothing sampled
+    assert (tmp_path / "same" / entries[1]["path"]).read_bytes().endswith(b"marker")
+    assert (tmp_path / "same" / INDEX).is_file() is False  # the caller writes the index (complete_sets)
+    assert run("other", {"seed": 2}, {"set": tmp_path / "donor"}) == 3 and len(calls) == 4  # other settings: sampled
+    assert not (tmp_path / "other" / entries[1]["path"]).read_bytes().endswith(b"marker")
+    (tmp_path / "donor" / entries[2]["path"]).unlink()  # a donor missing one image: that one is sampled
+    assert run("partial", {"seed": 1}, {"set": tmp_path / "donor"}) == 1 and calls[-1] == [2]
