@@ -16,14 +16,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-from soar.models.codec import PixelCodec
 from soar.schema import at_least, check, positive
+
+if TYPE_CHECKING:
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+# diffusers, transformers and torch load inside the builders: every stage reads TinyModelConfig (pipeline.config)
+# and most never build a model, so importing them here would cost each stage's start-up seconds
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_SUFFIX = "</w>"  # CLIP BPE end-of-word marker
@@ -72,6 +74,9 @@ def caption_words(captions: Iterable[str]) -> list[str]:
 
 def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:
     """A CLIP BPE tokenizer: all byte-level characters plus whole-word merges for ``words``."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     for token in [*alphabet, *(c + WORD_SUFFIX for c in alphabet)]:
@@ -93,6 +98,9 @@ def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer
 
 def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyModelConfig, seed: int) -> CLIPTextModelWithProjection:
     """A randomly initialised CLIP text encoder with projection (frozen during post-training)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -111,6 +119,11 @@ def build_text_encoder(tokenizer: CLIPTokenizer, arch: TinyModelConfig, seed: in
 
 def build_transformer(arch: TinyModelConfig, seed: int) -> SD3Transformer2DModel:
     """A randomly initialised SD3 MMDiT on 3-channel pixel latents."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from soar.models.codec import PixelCodec
+
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=arch.sample_size,
@@ -131,6 +144,10 @@ def build_transformer(arch: TinyModelConfig, seed: int) -> SD3Transformer2DModel
 
 def write_tiny_model(out_dir: Path, arch: TinyModelConfig, captions: Iterable[str], seed: int) -> None:
     """Write a complete tiny model folder (random weights) that ``load_bundle`` opens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from soar.models.codec import PixelCodec
+
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(caption_words(captions), arch.text_max_length)
     for i, sub in enumerate(("", "_2")):
