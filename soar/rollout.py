@@ -40,17 +40,25 @@ def sde_step(z, v, sigma0, sigma1, eps, eta, **_):
     return (1 - s1) * x0_hat + s1 * eps
 
 
-def flow_sde_step(z, v, sigma0, sigma1, eps, eta, sigma_cap: float, **_):
-    """flow_sde (Flow-GRPO SDE): std = eta sqrt(sigma0 / (1 - s0)), s0 = sigma0 except sigma_cap at 1;
+def flow_sde_mean_std(z, v, sigma0, sigma1, eta, sigma_cap: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flow_sde step's mean, ``std`` and ``dt`` (the last two ``[B, 1, ...]``, broadcasting like ``z``).
 
-    z' = z (1 + std²/(2 sigma0) dt) + v (1 + std² (1 - sigma0)/(2 sigma0)) dt + std sqrt(-dt) eps.
-    ``sigma_cap`` is the grid's second sigma (sigmas[1]), used where sigma0 == 1.
+    std = eta sqrt(sigma0 / (1 - s0)), s0 = sigma0 except ``sigma_cap`` (the grid's sigmas[1]) where sigma0 == 1;
+    mean = z (1 + std²/(2 sigma0) dt) + v (1 + std² (1 - sigma0)/(2 sigma0)) dt. The step's noise has standard
+    deviation std sqrt(-dt) (``soar.grpo`` reads its density).
     """
     s0 = torch.where(sigma0 >= 1, torch.full_like(sigma0, sigma_cap), sigma0)
     std = expand_like(eta * torch.sqrt(sigma0 / (1 - s0)), z)
     sg, dt = expand_like(sigma0, z), expand_like(sigma1 - sigma0, z)
-    drift = z * (1 + std**2 / (2 * sg) * dt) + v * (1 + std**2 * (1 - sg) / (2 * sg)) * dt
-    return drift + std * torch.sqrt((-dt).clamp_min(0)) * eps
+    mean = z * (1 + std**2 / (2 * sg) * dt) + v * (1 + std**2 * (1 - sg) / (2 * sg)) * dt
+    return mean, std, dt
+
+
+def flow_sde_step(z, v, sigma0, sigma1, eps, eta, sigma_cap: float, **_):
+    """flow_sde (Flow-GRPO SDE): z' = mean + std sqrt(-dt) eps (``flow_sde_mean_std``)."""
+    mean, std, dt = flow_sde_mean_std(z, v, sigma0, sigma1, eta, sigma_cap)
+    return mean + std * torch.sqrt((-dt).clamp_min(0)) * eps
 
 
 def cps_step(z, v, sigma0, sigma1, eps, eta, **_):
