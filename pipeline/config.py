@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 
 from pipeline.reference_config import ReferenceConfig, check_reference_names
 from soar.data.prompts import PromptFormat
+from soar.grpo_config import GrpoConfig
 from soar.models.tiny import TinyModelConfig
 from soar.rollout import SoarConfig
 from soar.schema import ConfigError, at_least, build, check
@@ -53,12 +54,13 @@ class SynthConfig:
     num_eval_geneval: int = 192  # prompts in the tiny GenEval-format set (32 per tag: one prompt moves it 1/192)
     num_eval_ocr: int = 48  # prompts in the tiny OCR evaluation set
     num_heldout: int = 64  # clean captioned images never trained on (eval/heldout/): the exposure-bias meter's data
+    num_grpo_prompts: int = 192  # GenEval-format training prompts of train@grpo (grpo/metadata.jsonl)
     seed: int = 0  # generator seed; same seed, same bytes
 
     def __post_init__(self) -> None:
         check(self.num_images > 0, "num_images", "must be > 0")
         at_least(self, 1, "image_size")
-        at_least(self, 0, "num_eval_geneval", "num_eval_ocr", "num_heldout", "seed")
+        at_least(self, 0, "num_eval_geneval", "num_eval_ocr", "num_heldout", "num_grpo_prompts", "seed")
         check(0 <= self.degraded_fraction < 1, "degraded_fraction", "must be in [0, 1)")
         check(0 <= self.text_fraction < 1, "text_fraction", "must be in [0, 1)")
 
@@ -278,6 +280,7 @@ class Config:
     pretrain: TrainConfig | None = PRETRAIN  # pretraining the tiny base from scratch (stage pretrain; tiny only)
     train: TrainConfig | None = field(default_factory=TrainConfig)  # post-training, SFT and SOAR alike (stage train@*)
     soar: SoarConfig | None = field(default_factory=SoarConfig)  # SOAR's rollout and auxiliary loss (train@soar)
+    grpo: GrpoConfig | None = field(default_factory=GrpoConfig)  # Flow-GRPO, the reward-driven arm (train@grpo)
     prompt_files: PromptFilesConfig | None = field(default_factory=PromptFilesConfig)  # public prompt sets
     sample: SampleConfig | None = field(default_factory=SampleConfig)  # evaluation sampling (stage sample@*)
     references: dict[str, ReferenceConfig] | None = field(

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,15 @@ def deepspeed_launch() -> bool:
     return True
 
 
-def make_accelerator(t: TrainConfig) -> Accelerator:
-    """The Accelerator the launch configuration asks for, with ``train``'s precision and accumulation.
+def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int = 1) -> Accelerator:
+    """The Accelerator the launch configuration asks for, with the section's precision and accumulation.
 
     DeepSpeed launches get DeepSpeed (the plugin accelerate builds from the config's JSON), on the GPUs or,
     with ``DS_ACCELERATOR=cpu``, on the CPU over gloo; other launches (DDP on GPUs, gloo on CPUs, one
     process) run on CUDA when there is one and on the CPU otherwise. ``Accelerator(cpu=True)`` would drop
     the DeepSpeed plugin, and without CUDA accelerate only counts the processes when it is told the backend.
     """
-    kwargs = dict(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    kwargs = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     if not deepspeed_launch():
         return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
     if torch.cuda.is_available():
@@ -81,6 +82,32 @@ def validation_logger(run, stage: str, method: str, prompts: tuple[str, ...]):
     return on_validation
 
 
+@contextlib.contextmanager
+def training_run(accelerator: Accelerator, mlflow_cfg, stage: str, method: str, params: dict, out_dir: str | Path,
+                 resume_from_checkpoint: str | None, max_train_steps: int,
+                 run: StageRun | None = None) -> Iterator[tuple[StageRun, Callable[[dict[str, float], int], None]]]:
+    """The MLflow run ``{stage}:{method}`` a training logs into (``run`` when given; a resumed training continues
+    its interrupted run) and the ``log(metrics, step)`` that writes each logged step to it and to the progress line."""
+    out_tag = str(Path(out_dir).resolve())
+    resuming = resolve_resume(resume_from_checkpoint, Path(out_dir) / "checkpoints") is not None
+    continued = (interrupted_run(mlflow_cfg, f"{stage}:{method}", out_tag)
+                 if resuming and run is None and accelerator.is_main_process else None)
+    opened = (contextlib.nullcontext(run) if run is not None
+              else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process,
+                             tags={"out_dir": out_tag}, continue_run_id=continued))
+    with opened as run:
+        # every logged step is shown (the section's log_every is the interval); rate and ETA count from the first
+        # logged step, so neither the set-up nor the steps before a resume skew them
+        progress = Progress(f"{stage}:{method}", max_train_steps, unit="step", start=None,
+                            main=accelerator.is_main_process, every=0)
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            run.log_metrics(metrics, step=step)
+            progress.update(step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+        yield run, log
+
+
 def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jsonl_path: str | Path,
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
@@ -94,7 +121,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
     ``latent_cache``: folder of the VAE latent cache (keyed by ``model_dir``'s codec files); None: encode per step.
     ``run``: an open MLflow run to log into (the study's per-seed runs); None opens ``{stage}:{method}``.
     """
-    accelerator = make_accelerator(t)
+    accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
     records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
     # prepare checks this too; a JSONL written by hand must fail here, not in the first step's patchify
     section = "pretrain" if stage == "pretrain" else "train"  # where t comes from, for error messages
@@ -121,23 +148,8 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                           joint_attention_dim=bundle.transformer.config.joint_attention_dim,
                           text_encoder_dtype=text_encoder_dtype)
         free_text_encoders(bundle)
-    out_tag = str(Path(out_dir).resolve())
-    resuming = resolve_resume(t.resume_from_checkpoint, Path(out_dir) / "checkpoints") is not None
-    continued = (interrupted_run(mlflow_cfg, f"{stage}:{method}", out_tag)
-                 if resuming and run is None and accelerator.is_main_process else None)
-    opened = (contextlib.nullcontext(run) if run is not None
-              else stage_run(mlflow_cfg, stage, method, params, main_process=accelerator.is_main_process,
-                             tags={"out_dir": out_tag}, continue_run_id=continued))
-    with opened as run:
-        # every logged step is shown (train.log_every is the interval); rate and ETA count from the first
-        # logged step, so neither the set-up nor the steps before a resume skew them
-        progress = Progress(f"{stage}:{method}", t.max_train_steps, unit="step", start=None,
-                            main=accelerator.is_main_process, every=0)
-
-        def log(metrics: dict[str, float], step: int) -> None:
-            run.log_metrics(metrics, step=step)
-            progress.update(step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
+    with training_run(accelerator, mlflow_cfg, stage, method, params, out_dir, t.resume_from_checkpoint,
+                      t.max_train_steps, run) as (run, log):
         final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
                       on_validation=validation_logger(run, stage, method, t.validation_prompts), latents=latents,
                       dataloader_num_workers=dataloader_num_workers)

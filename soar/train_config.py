@@ -2,10 +2,11 @@
 
 A section's keys are declared by the component that reads them: the objective's in
 ``soar.flow.FlowMatchingConfig``, LoRA's in ``soar.finetune.LoraConfig``, validation's below (what
-``soar.validation`` reads) and the loop's own in ``TrainConfig``, which inherits the others, so
-``params.yaml`` keeps one flat ``train`` section. They sit in this small module rather than in
-``soar/trainer.py`` or ``soar/validation.py`` because every stage loads the configuration: declared in
-the trainer, every stage would import (and depend in ``dvc.yaml`` on) the whole training code.
+``soar.validation`` reads), the loop's in ``LoopConfig`` (shared with the ``grpo`` section) and the batch keys
+in ``TrainConfig``, which inherits the others, so ``params.yaml`` keeps one flat ``train`` section. They sit in
+this small module rather than in ``soar/trainer.py`` or ``soar/validation.py`` because every stage loads the
+configuration: declared in the trainer, every stage would import (and depend in ``dvc.yaml`` on) the whole
+training code.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(FlowMatchingConfig, LoraConfig, ValidationConfig):
-    """A ``train`` or ``pretrain`` section: the loop's own keys below, plus the objective's (``FlowMatchingConfig``),
-    LoRA's (``LoraConfig``) and validation's (``ValidationConfig``) keys it inherits.
+class LoopConfig:
+    """The optimisation loop's keys, shared by ``TrainConfig`` (``train``, ``pretrain``) and
+    ``soar.grpo_config.GrpoConfig`` (``grpo``): optimiser, LR schedule, length, checkpoints, snapshots, EMA, logging.
 
     Checkpoints go to ``<stage output>/checkpoints/checkpoint-{step}`` (full state, for resuming), snapshots to
     ``<stage output>/snapshots/step-{step:06d}/transformer`` (weights only). ``resume_from_checkpoint`` is for
@@ -59,8 +60,6 @@ class TrainConfig(FlowMatchingConfig, LoraConfig, ValidationConfig):
     lr_warmup_steps: int = 0  # warm-up steps of the LR schedule
     adam_weight_decay: float = 1.0e-2  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # gradient clipping norm
-    train_batch_size: int = 8  # images per process per micro-step
-    gradient_accumulation_steps: int = 1  # micro-steps per optimiser step
     max_train_steps: int = 100  # optimiser steps
     checkpointing_steps: int = 0  # full-state checkpoint every this many optimiser steps (0 = none)
     checkpoints_total_limit: int | None = 2  # keep this many newest checkpoints, the oldest deleted (null = all)
@@ -73,9 +72,7 @@ class TrainConfig(FlowMatchingConfig, LoraConfig, ValidationConfig):
     log_every: int = 10  # log metrics every this many optimiser steps
 
     def __post_init__(self) -> None:
-        for base in (FlowMatchingConfig, LoraConfig, ValidationConfig):
-            base.__post_init__(self)
-        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"):
+        for key in ("max_train_steps", "log_every"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.learning_rate > 0, "learning_rate", "must be > 0")
         positive(self, "max_grad_norm")  # clip_grad_norm_ with a negative norm flips the gradient
@@ -87,3 +84,18 @@ class TrainConfig(FlowMatchingConfig, LoraConfig, ValidationConfig):
         check(self.resume_from_checkpoint is None or self.resume_from_checkpoint.strip() != "",
               "resume_from_checkpoint", 'must be null, "latest" or a checkpoint folder')
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be null or in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig, FlowMatchingConfig, LoraConfig, ValidationConfig):
+    """A ``train`` or ``pretrain`` section: the batch keys below, plus the loop's (``LoopConfig``), the objective's
+    (``FlowMatchingConfig``), LoRA's (``LoraConfig``) and validation's (``ValidationConfig``) keys it inherits."""
+
+    train_batch_size: int = 8  # images per process per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimiser step
+
+    def __post_init__(self) -> None:
+        for base in (LoopConfig, FlowMatchingConfig, LoraConfig, ValidationConfig):
+            base.__post_init__(self)
+        for key in ("train_batch_size", "gradient_accumulation_steps"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")

@@ -18,7 +18,7 @@ def main() -> None:
         summary = generate_world(Path(s.out_dir), num_images=s.num_images, image_size=s.image_size,
                                  degraded_fraction=s.degraded_fraction, text_fraction=s.text_fraction,
                                  num_eval_geneval=s.num_eval_geneval, num_eval_ocr=s.num_eval_ocr,
-                                 num_heldout=s.num_heldout, seed=s.seed)
+                                 num_heldout=s.num_heldout, num_grpo_prompts=s.num_grpo_prompts, seed=s.seed)
         print(f"synth: wrote {s.out_dir}: {summary}")
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
 

@@ -32,8 +32,11 @@ LOOP = {  # train and pretrain share TrainConfig
     "validation_steps": -1, "validation_num_inference_steps": 0, "validation_guidance_scale": -1.0,
     "validation_resolution": 0, "validation_seed": -1,
 }
+GRPO_LOOP = {k: v for k, v in LOOP.items()  # grpo has the loop, LoRA and validation keys, not the objective's
+             if k not in ("train_batch_size", "gradient_accumulation_steps", "logit_mean", "logit_std", "mode_scale",
+                          "cond_dropout_rate")}
 BAD = {
-    "synth.num_images": 0, "synth.image_size": 0, "synth.degraded_fraction": 1.0, "synth.text_fraction": -0.1,
+    "synth.num_images": 0, "synth.num_grpo_prompts": -1, "synth.image_size": 0, "synth.degraded_fraction": 1.0, "synth.text_fraction": -0.1,
     "synth.num_eval_geneval": -1, "synth.num_eval_ocr": -1, "synth.num_heldout": -1, "synth.seed": -1,
     "data.quality_threshold": UNBOUNDED,  # a score threshold on the filter's own scale (the tests use -1e9)
     "data.dataloader_num_workers": -1,
@@ -47,6 +50,11 @@ BAD = {
     "soar.lambda_aux": -1.0, "soar.num_rollout_paths": 0, "soar.trajectory_length": -1, "soar.num_sampling_steps": 0,
     "soar.sde_noise_scale": -0.5, "soar.cfg_scale_sampling": -1.0, "soar.sigma_upper_ratio": 0.5,
     "soar.aux_microbatch": 0,
+    **{f"grpo.{k}": v for k, v in GRPO_LOOP.items()},
+    "grpo.prompts_per_iteration": 0, "grpo.num_image_per_prompt": 1,
+    "grpo.updates_per_iteration": 0, "grpo.sample_batch_size": 0, "grpo.train_batch_size": 0, "grpo.num_steps": 0,
+    "grpo.guidance_scale": -1.0, "grpo.noise_level": 0.0, "grpo.resolution": 0, "grpo.timestep_fraction": 1.5,
+    "grpo.clip_range": 0.0, "grpo.adv_clip_max": 0.0, "grpo.beta": -0.1,
     "sample.num_inference_steps": 0, "sample.guidance_scale": -1.0, "sample.resolution": 0, "sample.batch_size": 0,
     "sample.t5_max_length": 0, "sample.seed": -1, "sample.grid_prompts": -1,
     "sample.prompt_sets.geneval.images_per_prompt": 0,

@@ -61,7 +61,7 @@ def test_every_key_has_a_comment():
         depth = len(ln) - len(ln.lstrip())
         if entry_depth is not None and depth < entry_depth:
             entry_depth = None
-        if ln.lstrip().split(":")[0] in ("prompt_sets", "scorers"):
+        if ln.lstrip().split(":")[0] in ("prompt_sets", "scorers", "reward"):
             entry_depth = depth + 2
         if depth and depth != entry_depth:
             assert "  # " in ln, f"params.yaml: a key without its comment: {ln!r}"

@@ -49,7 +49,7 @@ WORDS = ("HI", "OK", "GO", "UP", "NO", "CAT", "SUN", "RED")
 TEXT_TEMPLATE = 'a sign that says "{word}"'
 COLORIZE_PROB = 0.5  # training captions of uncoloured tags that spell out the rendered colours
 # independent random streams (seed, stream, index)
-TRAIN_STREAM, SELECT_STREAM, GENEVAL_STREAM, OCR_STREAM, HELDOUT_STREAM = 1, 2, 3, 4, 5
+TRAIN_STREAM, SELECT_STREAM, GENEVAL_STREAM, OCR_STREAM, HELDOUT_STREAM, GRPO_STREAM = 1, 2, 3, 4, 5, 6
 MAX_DUPLICATE_RETRIES = 20
 RELATION_JITTER = (-1.0, 0.0, 1.0)  # pixels; a position layout must hold under these box shifts
 
@@ -222,6 +222,18 @@ def _write_examples(jsonl: Path, image_dir: Path, kinds: list[str], degraded: np
     return counts, modes
 
 
+def _write_metadata(path: Path, count: int, seed: int, stream: int) -> Counter[str]:
+    """``count`` GenEval metadata lines, the tags in turn, line i drawn from (seed, stream, i); returns tag counts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tags: Counter[str] = Counter()
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(count):
+            tag = TAGS[i % len(TAGS)]
+            f.write(json.dumps(sample_metadata(tag, np.random.default_rng([seed, stream, i]))) + "\n")
+            tags[tag] += 1
+    return tags
+
+
 def generate_world(
     out_dir: Path,
     *,
@@ -232,13 +244,14 @@ def generate_world(
     num_eval_geneval: int = 120,
     num_eval_ocr: int = 60,
     num_heldout: int = 0,
+    num_grpo_prompts: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the tiny world under ``out_dir`` and return a summary (counts per kind, degraded count)."""
     for name, frac in (("degraded_fraction", degraded_fraction), ("text_fraction", text_fraction)):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"generate_world: {name} must be in [0, 1], got {frac}")
-    if min(num_images, num_eval_geneval, num_eval_ocr, num_heldout) < 0 or image_size < 16:
+    if min(num_images, num_eval_geneval, num_eval_ocr, num_heldout, num_grpo_prompts) < 0 or image_size < 16:
         raise ValueError(f"generate_world: bad sizes num_images={num_images}, image_size={image_size}, "
                          f"num_eval_geneval={num_eval_geneval}, num_eval_ocr={num_eval_ocr}")
     out_dir = Path(out_dir)
@@ -269,12 +282,10 @@ def generate_world(
     geneval_dir, ocr_dir = out_dir / "eval" / "geneval", out_dir / "eval" / "ocr"
     geneval_dir.mkdir(parents=True, exist_ok=True)
     ocr_dir.mkdir(parents=True, exist_ok=True)
-    eval_tags: Counter[str] = Counter()
-    with (geneval_dir / "metadata.jsonl").open("w", encoding="utf-8") as f:
-        for i in range(num_eval_geneval):
-            tag = TAGS[i % len(TAGS)]
-            f.write(json.dumps(sample_metadata(tag, np.random.default_rng([seed, GENEVAL_STREAM, i]))) + "\n")
-            eval_tags[tag] += 1
+    eval_tags = _write_metadata(geneval_dir / "metadata.jsonl", num_eval_geneval, seed, GENEVAL_STREAM)
+    # GRPO's training prompts: the same tags and templates from their own stream (the tiny space of prompts makes
+    # some equal to evaluation prompts, as the training captions are)
+    _write_metadata(out_dir / "grpo" / "metadata.jsonl", num_grpo_prompts, seed, GRPO_STREAM)
     with (ocr_dir / "prompts.txt").open("w", encoding="utf-8") as f:
         for i in range(num_eval_ocr):
             word = _pick(np.random.default_rng([seed, OCR_STREAM, i]), WORDS)[0]
@@ -289,5 +300,6 @@ def generate_world(
         "eval_geneval_per_tag": dict(sorted(eval_tags.items())),
         "num_eval_ocr": num_eval_ocr,
         "num_heldout": num_heldout,
+        "num_grpo_prompts": num_grpo_prompts,
         "seed": seed,
     }
