@@ -36,7 +36,8 @@ GRPO_LOOP = {k: v for k, v in LOOP.items()  # grpo has the loop, LoRA and valida
              if k not in ("train_batch_size", "gradient_accumulation_steps", "logit_mean", "logit_std", "mode_scale",
                           "cond_dropout_rate")}
 BAD = {
-    "synth.num_images": 0, "synth.num_grpo_prompts": -1, "synth.image_size": 0, "synth.degraded_fraction": 1.0, "synth.text_fraction": -0.1,
+    "synth.num_images": 0, "synth.num_grpo_prompts": -1,
+    "synth.image_size": 0, "synth.degraded_fraction": 1.0, "synth.text_fraction": -0.1,
     "synth.num_eval_geneval": -1, "synth.num_eval_ocr": -1, "synth.num_heldout": -1, "synth.seed": -1,
     "data.quality_threshold": UNBOUNDED,  # a score threshold on the filter's own scale (the tests use -1e9)
     "data.dataloader_num_workers": -1,

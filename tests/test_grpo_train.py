@@ -144,3 +144,64 @@ def test_a_resumed_grpo_run_continues_bit_for_bit(grpo_runs):
     for sub in ("transformer_raw", "transformer"):  # trained weights and EMA
         a, b = weights(work / "one" / sub), weights(work / "resumed" / sub)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_stage_world(work: Path, **grpo) -> dict:
+    """A tiny world, model and GRPO prompts under ``work``; the repository's params pointed at them."""
+    import yaml
+    from helpers import write_launch_world
+
+    from soar.data.tiny_world import generate_world
+
+    params = write_launch_world(work, TINY_ARCH, ROOT / "params.yaml")
+    generate_world(work / "gw", num_images=1, image_size=16, num_eval_geneval=0, num_eval_ocr=0,
+                   num_grpo_prompts=24, seed=0)
+    params["model"]["models_dir"] = "models"
+    params["grpo"].update(prompts="gw/grpo/metadata.jsonl", prompts_per_iteration=2, num_image_per_prompt=4,
+                          max_train_steps=4, resolution=16, sample_batch_size=8, train_batch_size=4, log_every=1,
+                          validation_steps=2, validation_resolution=16, validation_num_inference_steps=2,
+                          snapshot_steps=2, ema_decay=0.9, **grpo)
+    params["mlflow"].update(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment="grpo-test")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def run_stage(work: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SOAR_PARAMS="params.yaml", OMP_NUM_THREADS="1", DVC_ROOT=str(work),
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-m", "stages.train", "grpo"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_train_grpo_stage_rewards_with_the_registry_and_logs_to_mlflow(tmp_path):
+    import mlflow
+
+    write_stage_world(tmp_path)
+    proc = run_stage(tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = tmp_path / "models" / "grpo"
+    assert (out / "transformer").is_dir() and (out / "transformer_raw").is_dir()  # EMA weights and trained ones
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000002", "step-000004"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("grpo-test").experiment_id])
+    assert run.info.run_name == "train:grpo" and run.data.params["grpo.reward.geneval"] == "1.0"
+    history = client.get_metric_history(run.info.run_id, "reward_mean")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert all(0.0 <= m.value <= 1.0 for m in history)  # GenEval: a fraction of correct images
+    assert {"grad_norm", "kl", "clipfrac", "zero_std_ratio"} <= set(run.data.metrics)
+    for step in (2, 4):  # the validation grids go to the run's artifacts
+        assert f"train:grpo validation at step {step}: 2 images -> validation/step_00000{step}.png" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_grpo_names_an_unknown_scorer_and_a_missing_start_in_one_line(tmp_path):
+    write_stage_world(tmp_path, reward={"no_such_scorer": 1.0})
+    proc = run_stage(tmp_path)
+    assert proc.returncode == 1
+    assert "error: train@grpo: params.yaml grpo.reward: unknown scorer 'no_such_scorer'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    write_stage_world(tmp_path / "sft", init_from="sft")
+    proc = run_stage(tmp_path / "sft")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "grpo.init_from is 'sft' but models/sft/transformer does not exist" in proc.stderr
