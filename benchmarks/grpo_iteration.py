@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.training import make_accelerator
-from soar.data.tiny_world import TAGS, sample_metadata
+from soar.data.tiny_world import GRPO_STREAM, TAGS, sample_metadata
 from soar.grpo_config import GrpoConfig
 from soar.grpo_trainer import train_grpo
 from soar.models.bundle import load_bundle
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="iterations timed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    meta = [sample_metadata(TAGS[i % len(TAGS)], np.random.default_rng([0, 6, i])) for i in range(96)]
+    meta = [sample_metadata(TAGS[i % len(TAGS)], np.random.default_rng([0, GRPO_STREAM, i])) for i in range(96)]
     prompts = [m["prompt"] for m in meta]
     g = GrpoConfig(max_train_steps=2 * args.iterations, snapshot_steps=0, validation_steps=0, log_every=2)
     scorer = build_scorer("geneval", backend="tiny")

@@ -135,13 +135,14 @@ def train_grpo(bundle: SD3Bundle, prompts: Sequence[str], metadata: Sequence[dic
         tic = time.perf_counter()
         chosen, shares = iteration_plan(g, len(prompts), iteration, rank, world)
         mine = np.concatenate(shares)  # this process's images, update by update
+        own = chosen[mine // g.num_image_per_prompt]  # the prompt (index into ``prompts``) of each of them
         # 2. sample this process's images under the current weights, recording every step's log-probability
         z1, eps = image_noise(g.seed, iteration, mine, shape, g.num_steps)
         latents, old_log_probs, rewards = [], [], []
         model.eval()
         for lo in range(0, len(mine), g.sample_batch_size):
-            batch = mine[lo:lo + g.sample_batch_size]
-            names = [prompts[chosen[i // g.num_image_per_prompt]] for i in batch]
+            batch = own[lo:lo + g.sample_batch_size]
+            names = [prompts[p] for p in batch]
             embeds, pooled = text.lookup(names, device)
             with accelerator.autocast():
                 traj = sde_trajectories(sampler, z1[lo:lo + len(batch)].to(device), sigmas, embeds, pooled,
@@ -150,7 +151,7 @@ def train_grpo(bundle: SD3Bundle, prompts: Sequence[str], metadata: Sequence[dic
             old_log_probs.append(traj.log_probs)
             with torch.no_grad():
                 images = to_uint8(bundle.codec.decode(traj.latents[:, -1]))
-            rewards.append(reward(images, names, [metadata[chosen[i // g.num_image_per_prompt]] for i in batch]))
+            rewards.append(reward(images, names, [metadata[p] for p in batch]))
         model.train()
         latents, old_log_probs = torch.cat(latents), torch.cat(old_log_probs)
         # 3. every process's rewards, by global image index -> group-relative advantages
@@ -172,8 +173,7 @@ def train_grpo(bundle: SD3Bundle, prompts: Sequence[str], metadata: Sequence[dic
             chunks = [rows[lo:lo + g.train_batch_size] for lo in range(0, len(rows), g.train_batch_size)]
             stats: dict[str, list[torch.Tensor]] = {}
             for c, chunk in enumerate(chunks):
-                names = [prompts[chosen[int(mine[i]) // g.num_image_per_prompt]] for i in chunk]
-                embeds, pooled = text.lookup(names, device)
+                embeds, pooled = text.lookup([prompts[p] for p in own[chunk.numpy()]], device)
                 for j in range(g.train_steps):
                     final = c == len(chunks) - 1 and j == g.train_steps - 1
                     sigma0, sigma1 = (torch.full((len(chunk),), float(s), device=device) for s in sigmas[j:j + 2])
