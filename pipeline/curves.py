@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.report import ROW_NAMES, columns, header
+from pipeline.arms import ROW_NAMES
+from pipeline.report import columns, header
 
 STEP = "step"
 PANEL_W, PANEL_H, MAX_COLS = 4.0, 3.0, 4  # inches per panel, panels per figure row
@@ -45,8 +46,10 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return [{k: int(v) if k == STEP else float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]):
-    """A matplotlib ``Figure`` with one panel per metric and one line per method (``{method: rows}``)."""
+def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], labels: Mapping[str, str] | None = None):
+    """A matplotlib ``Figure`` with one panel per metric and one line per method (``{method: rows}``), named by
+    ``labels`` (default: the table's row names)."""
+    labels = labels or {}
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
     from matplotlib.ticker import MaxNLocator
 
@@ -60,20 +63,22 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]):
     for ax, metric in zip(axes, metrics, strict=False):
         for method, rows in curves.items():
             points = [(r[STEP], r[metric]) for r in rows if metric in r]
-            ax.plot(*zip(*points, strict=True), marker="o", label=ROW_NAMES.get(method, method))
+            ax.plot(*zip(*points, strict=True), marker="o", label=labels.get(method, ROW_NAMES.get(method, method)))
         ax.set_title(header(metric))
-        ax.set_xlabel("training step (0 = base model)")
+        ax.set_xlabel("training step (0 = starting model)")
         ax.set_ylabel(header(metric))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         fig.delaxes(ax)
     axes[0].legend()
-    fig.suptitle("Reward vs training step: the snapshots of SFT and SOAR sampled and scored like the final models")
+    fig.suptitle("Reward vs training step (0 = each arm's starting model): the snapshots of every arm sampled and "
+                 "scored like the final models")
     return fig
 
 
-def save_curves_png(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> None:
+def save_curves_png(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path,
+                    labels: Mapping[str, str] | None = None) -> None:
     """``plot_curves`` saved as a PNG at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves).savefig(path, format="png")
+    plot_curves(curves, labels).savefig(path, format="png")

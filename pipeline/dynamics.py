@@ -11,9 +11,9 @@ The last snapshot holds the trained model's weights (the same bytes as ``{models
 which the sample stage has sampled with the same settings: those images are copied, not sampled again
 (``pipeline.sample_sets``' ``reuse``: only when the recorded weights digest and settings are equal).
 
-Step 0 is the base model, never sampled again: its ``all_metrics.json`` from the score stage when every
-prompt is evaluated, else its per-image ``scores.jsonl`` records of the kept prompts, aggregated by the
-same scorers.
+Step 0 is the arm's starting model (the base model; for GRPO ``grpo.init_from``), never sampled again: its
+``all_metrics.json`` from the score stage when every prompt is evaluated, else its per-image ``scores.jsonl``
+records of the kept prompts, aggregated by the same scorers.
 """
 
 from __future__ import annotations
@@ -112,16 +112,16 @@ def sample_snapshots(state, method: str, snapshots: list[tuple[int, Path]], root
     return plans
 
 
-def base_point(score_dir: Path, cfg, scorers: Mapping[str, Scorer] | None) -> dict[str, float]:
-    """Step 0: the base model's metrics over the evaluated prompts (see the module doc).
+def base_point(score_dir: Path, cfg, scorers: Mapping[str, Scorer] | None, model: str = "base") -> dict[str, float]:
+    """Step 0: the starting model's metrics over the evaluated prompts (see the module doc).
 
-    ``score_dir``: the score stage's folder of the base model; ``scorers`` are needed only when
+    ``score_dir``: the score stage's folder of that model (``model``: its name); ``scorers`` are needed only when
     ``dynamics.max_prompts_per_set`` is set.
     """
     if cfg.dynamics.max_prompts_per_set is None:
         path = score_dir / "all_metrics.json"  # every metric, as score_snapshots reports them
         if not path.is_file():
-            raise FileNotFoundError(f"base metrics not found: {path} (run score@base)")
+            raise FileNotFoundError(f"{model} metrics not found: {path} (run score@{model})")
         return json.loads(path.read_text())
     sets = plan_sets(cfg.sample, score_dir, cfg.dynamics.max_prompts_per_set)  # the evaluated entries
     plan = cfg.score.scorers

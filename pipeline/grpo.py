@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.evaluation import build_scorers
+from pipeline.tracking import StageRun
 from pipeline.training import deepspeed_launch, make_accelerator, training_run, validation_logger
 from soar.data.prompts import read_prompt_set
 from soar.grpo_trainer import RewardFn, train_grpo
@@ -39,9 +40,11 @@ def start_weights(cfg: Config) -> Path:
     return path
 
 
-def run_grpo(cfg: Config, out_dir: str | Path, *, params: dict | None = None) -> dict[str, float]:
+def run_grpo(cfg: Config, out_dir: str | Path, *, stage: str = "train", params: dict | None = None,
+             run: StageRun | None = None) -> dict[str, float]:
     """Flow-GRPO from ``grpo.init_from`` on ``grpo.prompts`` with the ``grpo.reward`` mix; reads the ``model``,
-    ``grpo``, ``score`` and ``mlflow`` sections."""
+    ``grpo``, ``score`` and ``mlflow`` sections. ``run``: an open MLflow run to log into (the study's per-seed
+    runs); None opens ``{stage}:grpo``."""
     g = cfg.grpo
     if deepspeed_launch():
         raise RuntimeError("train@grpo runs under DDP or on one process; launch it with a DDP config "
@@ -57,12 +60,12 @@ def run_grpo(cfg: Config, out_dir: str | Path, *, params: dict | None = None) ->
                cfg.model.base_path)
     reward = weighted_reward(build_scorers(cfg.score, list(g.reward)), g.reward)
     accelerator = make_accelerator(g.mixed_precision)
-    with training_run(accelerator, cfg.mlflow, "train", "grpo", params or {}, out_dir, g.resume_from_checkpoint,
-                      g.max_train_steps) as (run, log):
+    with training_run(accelerator, cfg.mlflow, stage, "grpo", params or {}, out_dir, g.resume_from_checkpoint,
+                      g.max_train_steps, run) as (run, log):
         if accelerator.is_main_process:
             run.log_metrics({"prompts": len(items)}, step=0)
         final = train_grpo(bundle, [i.prompt for i in items], [i.metadata for i in items], reward, g, out_dir,
-                           accelerator, log, on_validation=validation_logger(run, "train", "grpo",
+                           accelerator, log, on_validation=validation_logger(run, stage, "grpo",
                                                                              g.validation_prompts))
     accelerator.end_training()
     return final

@@ -4,9 +4,10 @@ MLflow 3's UI keeps named views of an experiment's runs page (filter, columns, g
 tags ``mlflow.sharedViewState.<key>``, listed under "Views" and opened by ``?viewStateShareKey=<key>``. The
 report stage writes two:
 
-- ``results`` ("base / SFT / SOAR"): the score runs, one row per model with its metrics, grouped by
+- ``results`` ("base / SFT / SOAR / GRPO"): the score runs, one row per model with its metrics, grouped by
   ``run_group`` (one group per ``dvc repro`` / ``dvc exp run``);
-- ``training`` ("training curves"): charts of loss, loss_aux and drift per step, then reward vs step
+- ``training`` ("training curves"): charts of loss, loss_aux and drift per step (GRPO's reward_mean, kl and
+  clipfrac after them), then reward vs step
   (``dynamics/<metric>``), then the final scores.
 
 The URL also carries ``workflowType=machine_learning``: MLflow 3 opens an experiment on its GenAI (traces)
@@ -21,10 +22,11 @@ import time
 from collections.abc import Sequence
 
 TAG_PREFIX = "mlflow.sharedViewState."  # MLflow UI: experiment tag of a saved view
-RESULTS_VIEW = "results"  # key of the base / SFT / SOAR table
+RESULTS_VIEW = "results"  # key of the base / SFT / SOAR / GRPO table
 TRAINING_VIEW = "training"  # key of the training-curves charts
 TRAINING_METRICS = ("loss", "loss_aux", "drift", "loss_main", "aux_per_sample", "frac_t0", "grad_norm", "lr",
-                    "images_per_s")  # charted in this order; names as soar.step logs them
+                    "images_per_s",  # charted in this order; names as soar.step logs them,
+                    "reward_mean", "kl", "clipfrac")  # then as the GRPO loop logs them
 CURVE_PREFIX = "dynamics/"  # reward-vs-step metrics of the dynamics runs
 
 
@@ -46,7 +48,7 @@ def base_state(search_filter: str) -> dict:
 def results_state(metrics: Sequence[str]) -> dict:
     """Score runs with the columns ``model``, ``run_group`` and ``metrics``, grouped by ``run_group``."""
     state = base_state('tags.stage = "score"')
-    state.update(orderByKey="tags.`mlflow.runName`", orderByAsc=True)  # by run name: score:base, :sft, :soar
+    state.update(orderByKey="tags.`mlflow.runName`", orderByAsc=True)  # by run name: score:base, :grpo, :sft, :soar
     state["selectedColumns"] = [column("tags", "method"), *(column("metrics", m) for m in metrics)]
     state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "run_group"}]}
     return state
@@ -87,7 +89,7 @@ def install_views(client, experiment_id: str, metrics: Sequence[str]) -> None:
     """Write (or refresh) the ``results`` and ``training`` views of ``experiment_id`` for score ``metrics``."""
     now = int(time.time() * 1000)
     client.set_experiment_tag(experiment_id, TAG_PREFIX + RESULTS_VIEW,
-                              envelope("base / SFT / SOAR", results_state(metrics), now))
+                              envelope("base / SFT / SOAR / GRPO", results_state(metrics), now))
     client.set_experiment_tag(experiment_id, TAG_PREFIX + TRAINING_VIEW,
                               envelope("training curves", training_state(metrics), now))
 

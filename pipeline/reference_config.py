@@ -9,10 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.arms import MODELS
 from soar.schema import at_least, check
 
 ReferenceFamily = Literal["sdxl", "sd3", "flux"]
-RESERVED_NAMES = ("base", "sft", "soar")  # the pipeline's own models: folders and stages of those names exist
+RESERVED_NAMES = MODELS  # the pipeline's own models: folders and stages of those names exist
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")  # a reference name: stage, folder and MLflow run name part
 
 

@@ -1,5 +1,5 @@
-"""The results table in the paper's layout (rows: the reference models, then base, + SFT, + SOAR; columns:
-Model, #Iter, one per metric) and the image grid."""
+"""The results table in the paper's layout (rows: the reference models, then base, + SFT, + SOAR, + GRPO;
+columns: Model, #Iter, one per metric) and the image grid."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.arms import MODELS, ROW_NAMES, row_name
 from pipeline.grids import label_font
 from pipeline.sample_layout import load_image, read_index
 
-MODELS = ("base", "sft", "soar")
-ROW_NAMES = {"base": "base", "sft": "+ SFT", "soar": "+ SOAR"}
 NOT_TRAINED = "–"  # the #Iter cell of a model not trained here
 # metric key -> the paper's column name (docs/method.md#the-papers-numbers), in the paper's order
 PAPER_COLUMNS = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clipscore": "ClipScore",
@@ -31,7 +30,7 @@ LABEL_W = 280  # width of the prompt column in the grid, pixels
 class Row:
     """One row of the results table."""
 
-    model: str  # folder name under the samples and scores folders (base, sft, soar or a reference's name)
+    model: str  # folder name under the samples and scores folders (base, sft, soar, grpo or a reference's name)
     label: str  # the Model cell
     iterations: str  # the #Iter cell: training steps of the model, NOT_TRAINED for the others
 
@@ -41,12 +40,15 @@ def iterations(steps: int) -> str:
     return f"{steps // 1000}k" if steps >= 1000 and steps % 1000 == 0 else str(steps)
 
 
-def table_rows(references: Mapping[str, object], train_steps: int) -> list[Row]:
-    """The reference models in ``params.yaml`` order (each with its ``label``), then base, + SFT, + SOAR."""
+def table_rows(references: Mapping[str, object], train_steps: int, grpo_steps: int, grpo_init_from: str) -> list[Row]:
+    """The reference models in ``params.yaml`` order (each with its ``label``), then base, + SFT, + SOAR
+    (``train_steps`` each) and + GRPO (``grpo_steps``; ``+ SOAR + GRPO`` when it started from SOAR,
+    ``grpo.init_from``)."""
     refs = [Row(name, ref.label, NOT_TRAINED) for name, ref in references.items()]
     trained = iterations(train_steps)
     return refs + [Row("base", ROW_NAMES["base"], NOT_TRAINED), Row("sft", ROW_NAMES["sft"], trained),
-                   Row("soar", ROW_NAMES["soar"], trained)]
+                   Row("soar", ROW_NAMES["soar"], trained),
+                   Row("grpo", row_name("grpo", grpo_init_from), iterations(grpo_steps))]
 
 
 def columns(metrics: Mapping[str, Mapping[str, float]]) -> list[str]:

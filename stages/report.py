@@ -2,7 +2,7 @@
 
 Its MLflow run, ``results``, is where a reader finds the answer: the results table is the run's description
 (its Overview page), the files are its artifacts, and the experiment's saved views (``pipeline.mlflow_views``:
-base / SFT / SOAR side by side, training curves) are refreshed for the metrics this profile scores. The
+base / SFT / SOAR / GRPO side by side, training curves) are refreshed for the metrics this profile scores. The
 links are printed at the end.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.arms import METHODS, MODELS, row_name
 from pipeline.curves import read_curve, save_curves_png
 from pipeline.intervals import set_intervals
 from pipeline.mlflow_views import RESULTS_VIEW, TRAINING_VIEW, install_views, run_url, view_url
@@ -19,8 +20,7 @@ from pipeline.tracking import run_group, stage_run
 from stages.common import declared, load, run_main
 from stages.score import ALL_METRICS
 
-PARAMS = ("references", "train", "sample", "score", "dynamics", "mlflow")
-DYNAMICS = ("sft", "soar")  # the training runs with reward-vs-step curves
+PARAMS = ("references", "train", "grpo", "sample", "score", "dynamics", "mlflow")
 OUT = Path("data/report")
 FILES = ("results.md", "results.csv", "grid.png", "dynamics.png")
 UI = "http://127.0.0.1:5000"  # where the README's `mlflow server` command serves the UI
@@ -32,7 +32,7 @@ def read_metrics(score_dir: Path, name: str, rows: list[Row]) -> dict[str, dict[
     for row in rows:
         path = score_dir / row.model / name
         if not path.is_file():
-            stage = f"score@{row.model}" if row.model in ("base", "sft", "soar") else f"score_ref@{row.model}"
+            stage = f"score@{row.model}" if row.model in MODELS else f"score_ref@{row.model}"
             raise FileNotFoundError(f"metrics not found: {path} (run {stage})")
         out[row.model] = json.loads(path.read_text())
     return out
@@ -54,12 +54,12 @@ def description(title: str, metrics: dict[str, dict[str, float]], headline: list
             if any(others.values()) else "")
     return (f"{main}\n**{title}**, run group `{run_group()}`.\n\n{rest}"
             "Artifacts: `results.md` / `results.csv` (both tables in one), `grid.png` (the same prompts and seeds for "
-            "the three models), `dynamics.png` (reward vs training step). Views of this experiment: *base / SFT / "
-            "SOAR* (the score runs side by side), *training curves*.\n")
+            "every model), `dynamics.png` (reward vs training step of each arm). Views of this experiment: *base / "
+            "SFT / SOAR / GRPO* (the score runs side by side), *training curves*.\n")
 
 def main() -> None:
     cfg = load(PARAMS)
-    rows = table_rows(cfg.references, cfg.train.max_train_steps)
+    rows = table_rows(cfg.references, cfg.train.max_train_steps, cfg.grpo.max_train_steps, cfg.grpo.init_from)
     score_dir = Path(cfg.score.out_dir)
     metrics = read_metrics(score_dir, ALL_METRICS, rows)
     headline = columns(read_metrics(score_dir, "metrics.json", rows))  # the scorers' own metrics, paper order
@@ -73,8 +73,8 @@ def main() -> None:
     grid = comparison_grid(Path(cfg.sample.out_dir), list(cfg.sample.prompt_sets), cfg.sample.grid_prompts,
                            [r.model for r in rows], [r.label for r in rows])
     grid.save(OUT / "grid.png")
-    curves = {m: read_curve(Path(cfg.dynamics.out_dir) / f"{m}.csv") for m in DYNAMICS}
-    save_curves_png(curves, OUT / "dynamics.png")
+    curves = {m: read_curve(Path(cfg.dynamics.out_dir) / f"{m}.csv") for m in METHODS}
+    save_curves_png(curves, OUT / "dynamics.png", {m: row_name(m, cfg.grpo.init_from) for m in METHODS})
     print(md)
     with stage_run(cfg.mlflow, "report", "all", declared(cfg, PARAMS), run_name="results") as run:
         run.set_description(description(title, metrics, headline, rows, intervals))
@@ -85,9 +85,10 @@ def main() -> None:
         if run.active:
             install_views(run.client, run.experiment_id, headline)
             print(f"MLflow (after `mlflow server --backend-store-uri sqlite:///mlflow.db`, at the repository root):\n"
-                  f"  results run:       {run_url(UI, run.experiment_id, run.run_id)}\n"
-                  f"  base / SFT / SOAR: {view_url(UI, run.experiment_id, RESULTS_VIEW)}\n"
-                  f"  training curves:   {view_url(UI, run.experiment_id, TRAINING_VIEW, charts=True)}", flush=True)
+                  f"  results run:              {run_url(UI, run.experiment_id, run.run_id)}\n"
+                  f"  base / SFT / SOAR / GRPO: {view_url(UI, run.experiment_id, RESULTS_VIEW)}\n"
+                  f"  training curves:          {view_url(UI, run.experiment_id, TRAINING_VIEW, charts=True)}",
+                  flush=True)
 
 
 if __name__ == "__main__":

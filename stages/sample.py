@@ -1,5 +1,5 @@
-"""Stage `sample@{base,sft,soar}`: images for every prompt set, one fixed seed per image, on any number of processes.
-(``stages.sample_ref`` runs the same for a reference model through its own diffusers pipeline.)
+"""Stage `sample@{base,sft,soar,grpo}`: images for every prompt set, one fixed seed per image, on any number
+of processes (``stages.sample_ref`` runs the same for a reference model through its own diffusers pipeline).
 
     python -m stages.sample base                                                  # one process
     accelerate launch --config_file pipeline/launch/multi_gpu.yaml --num_processes 8 -m stages.sample base
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from pipeline.arms import BASE, MODELS
 from pipeline.grids import captioned_grid
 from pipeline.sample_layout import load_image
 from pipeline.sample_sets import (
@@ -38,8 +39,6 @@ from pipeline.tracking import stage_run
 from soar.models.geometry import check_side, pixel_multiple
 from stages.common import declared, load, run_main
 
-BASE = "base"
-MODELS = (BASE, "sft", "soar")
 PARAMS = ("model", "sample", "mlflow")
 
 

@@ -1,4 +1,4 @@
-"""Stage `score@{base,sft,soar}`: per-image scores (JSONL) and per-set metrics.
+"""Stage `score@{base,sft,soar,grpo}`: per-image scores (JSONL) and per-set metrics.
 
 Every scorer named in ``score.scorers`` is built once, from ``score.*`` (weights from
 ``score.checkpoints``), and applied to its prompt sets in batches of ``score.batch_size``; metric

@@ -119,9 +119,10 @@ def test_dvc_stages_declare_the_sections_their_code_loads():
         spec = dvc[stage.name].get("do", dvc[stage.name])
         module = importlib.import_module(cmd_entries(stage.cmd)[0])
         launched = {"launch"} if "accelerate launch" in str(stage.cmd) else set()  # read by the command line
-        if hasattr(module, "METHOD_PARAMS"):  # one foreach entry per method; `reads` names its own section
+        if hasattr(module, "METHOD_PARAMS"):  # one foreach entry per method; its fields name its own sections
+            fields = [p[len("${item."):-1] for p in spec["params"] if isinstance(p, str) and p.startswith("${item.")]
             for method, entry in dvc[stage.name]["foreach"].items():
-                declared = _declared_sections(spec) | {entry["reads"]}
+                declared = _declared_sections(spec) | {entry[f].split(".")[0] for f in fields}
                 assert declared == set(module.METHOD_PARAMS[method]) | launched, (stage.label, method)
                 assert set(module.METHOD_PARAMS[method]) <= set(SECTIONS)
         else:
@@ -129,3 +130,4 @@ def test_dvc_stages_declare_the_sections_their_code_loads():
             assert set(module.PARAMS) <= set(SECTIONS)
     train = importlib.import_module("stages.train")
     assert "soar" not in train.METHOD_PARAMS["sft"]  # SFT must not rerun when a SOAR knob changes
+    assert not {"train", "data"} & set(train.METHOD_PARAMS["grpo"])  # nor GRPO for an SFT / data knob

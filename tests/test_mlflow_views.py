@@ -41,7 +41,7 @@ def test_views_are_experiment_tags_in_the_ui_envelope():
 
     views.install_views(Client(), "7", ["geneval"])
     results = written[("7", views.TAG_PREFIX + RESULTS_VIEW)]
-    assert results["name"] == "base / SFT / SOAR" and results["createdAt"] == results["updatedAt"] > 0
+    assert results["name"] == "base / SFT / SOAR / GRPO" and results["createdAt"] == results["updatedAt"] > 0
     assert json.loads(results["state"]) == results_state(["geneval"])
     assert json.loads(written[("7", views.TAG_PREFIX + TRAINING_VIEW)]["state"]) == training_state(["geneval"])
     assert json.loads(views.envelope("n", {"a": 1}, 5)) == {"name": "n", "createdAt": 5, "updatedAt": 5,

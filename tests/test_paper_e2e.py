@@ -44,6 +44,10 @@ SETTINGS = {  # seconds-scale sizes on top of the paper profile; everything else
               "mixed_precision": "no", "log_every": 1, "validation_steps": 2, "validation_num_inference_steps": 2,
               "validation_resolution": 64},
     "soar": {"trajectory_length": 2},
+    "grpo": {"max_train_steps": 2, "prompts_per_iteration": 2, "num_image_per_prompt": 2, "num_steps": 2,
+             "sample_batch_size": 2, "train_batch_size": 2, "resolution": 64, "checkpointing_steps": 2,
+             "snapshot_steps": 1, "mixed_precision": "no", "log_every": 1, "validation_steps": 2,
+             "validation_num_inference_steps": 2, "validation_resolution": 64},
     "prompt_files": {"files": []},  # nothing downloaded: the sets below are local files
     "sample": {"resolution": 64, "num_inference_steps": 2, "batch_size": 1, "grid_prompts": 2},
     "dynamics": {"max_prompts_per_set": 1},
@@ -91,6 +95,7 @@ def paper_repo(tmp_path_factory, folders) -> tuple[Path, dict]:  # noqa: F811
         params[section].update(values)
     params["data"].update(jsonl_path=str(jsonl), image_dir=str(images))
     params["model"]["base_path"] = str(outside / "sd35")
+    params["grpo"]["prompts"] = str(sets / "geneval.jsonl")  # stands for Flow-GRPO's GenEval training prompts
     params["sample"]["prompt_sets"] = {
         "geneval": {"path": str(sets / "geneval.jsonl"), "format": "geneval", "images_per_prompt": 1},
         "ocr": {"path": str(sets / "ocr.txt"), "format": "text", "images_per_prompt": 1},
@@ -118,9 +123,9 @@ def paper_repro(paper_repo) -> str:
 
 def test_plain_dvc_repro_runs_the_paper_graph(paper_repo, paper_repro):
     dest, _ = paper_repo
-    assert {"synth", "prepare", "pretrain", "embed", "train@sft", "train@soar", "sample@base", "sample@sft",
-            "sample@soar", "score@base", "score@sft", "score@soar", "dynamics@sft", "dynamics@soar",
-            "report"} <= ran_stages(paper_repro)
+    assert {"synth", "prepare", "pretrain", "embed", "train@sft", "train@soar", "train@grpo", "sample@base",
+            "sample@sft", "sample@soar", "sample@grpo", "score@base", "score@sft", "score@soar", "score@grpo",
+            "dynamics@sft", "dynamics@soar", "dynamics@grpo", "report"} <= ran_stages(paper_repro)
     tiny_base = dest / "data/models/tiny_base"
     assert (tiny_base / "NOT_BUILT.md").is_file() and not (tiny_base / "transformer").exists()
     report = json.loads((dest / "data/prepared/report.json").read_text())
@@ -129,7 +134,7 @@ def test_plain_dvc_repro_runs_the_paper_graph(paper_repo, paper_repro):
                                                                    "empty_caption": 1}
     md = (dest / "data/report/results.md").read_text()
     assert md.startswith("# Results, each with its 95 % interval\n")  # not labelled as tiny-world metrics
-    for row in ("| base |", "| + SFT | ", "| + SOAR | "):
+    for row in ("| base |", "| + SFT | ", "| + SOAR | ", "| + GRPO | "):
         assert row in md
     metrics = json.loads((dest / "data/scores/soar/metrics.json").read_text())
     assert {"geneval", "ocr", "clipscore", "pickscore", "aesthetic"} <= set(metrics)

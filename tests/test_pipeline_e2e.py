@@ -1,10 +1,12 @@
 """End to end: `dvc repro` on a micro profile in a copy of the repo, with one tiny reference model of each
-family (SD-XL, SD3, FLUX pipelines), then the six-row report and MLflow runs.
+family (SD-XL, SD3, FLUX pipelines), then the seven-row report (base and the SFT, SOAR and GRPO arms) and MLflow
+runs.
 
 Also checks DVC's change tracking: a second `dvc repro` runs nothing, and
 `dvc exp run -S soar.lambda_aux=0.5` reruns train@soar and what depends on it, not SFT or base; the views a
 reader opens (a real `mlflow server` over the moved repository, DVC's metrics / experiments / plots views);
-and the multi-seed study (`dvc repro study/dvc.yaml`) on micro settings.
+the multi-seed study (`dvc repro study/dvc.yaml`) on micro settings; and "SOAR then GRPO"
+(`grpo.init_from: soar`) reruns the GRPO arm alone, from SOAR's weights.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ MICRO = {  # seconds-scale sizes; everything else stays the default tiny profile
     "synth": {"num_images": 160, "num_eval_geneval": 12, "num_eval_ocr": 4, "num_heldout": 6},
     "pretrain": {"max_train_steps": 4, "train_batch_size": 8, "log_every": 2, "lr_warmup_steps": 1},
     "train": {"max_train_steps": 2, "train_batch_size": 4, "log_every": 1, "snapshot_steps": 1},
+    "grpo": {"max_train_steps": 2, "prompts_per_iteration": 2, "num_image_per_prompt": 2, "updates_per_iteration": 1,
+             "num_steps": 3, "sample_batch_size": 4, "train_batch_size": 4, "log_every": 1, "snapshot_steps": 1},
     "sample": {"num_inference_steps": 3, "grid_prompts": 2},
 }
 REFERENCES = {  # one tiny model per family, each in the real diffusers layout, at the micro sampling size
@@ -45,7 +49,7 @@ REFERENCES = {  # one tiny model per family, each in the real diffusers layout, 
     "flux": {"family": "flux", "label": "FLUX.1-Dev", "negative_prompt": None, "max_sequence_length": 16},
 }
 WRITERS = {"sdxl": write_sdxl_folder, "sd3": write_sd35_folder, "flux": write_flux_folder}
-TABLE = ["SD-XL (1024²)", "SD3.5-L (1024²)", "FLUX.1-Dev", "base", "+ SFT", "+ SOAR"]  # the paper's row order
+TABLE = ["SD-XL (1024²)", "SD3.5-L (1024²)", "FLUX.1-Dev", "base", "+ SFT", "+ SOAR", "+ GRPO"]  # paper's order
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +87,24 @@ def exp_run(repo, first_repro) -> str:
 
 def test_repro_writes_the_report(repo, first_repro):
     dest, _ = repo
-    assert {"synth", "prepare", "pretrain", "train@sft", "train@soar", "dynamics@sft", "dynamics@soar",
-            "report"} <= ran_stages(first_repro)
+    assert {"synth", "prepare", "pretrain", "train@sft", "train@soar", "train@grpo", "dynamics@sft", "dynamics@soar",
+            "dynamics@grpo", "report"} <= ran_stages(first_repro)
     md = (dest / "data/report/results.md").read_text()
     assert {"sample_ref@sdxl", "sample_ref@sd35l", "sample_ref@flux", "score_ref@flux"} <= ran_stages(first_repro)
     assert md.splitlines()[2].startswith("| Model | #Iter | GenEval | OCR |")
-    assert [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[4:10]] == TABLE
-    assert [line.split(" | ")[1] for line in md.splitlines()[4:10]] == ["–", "–", "–", "–", "2", "2"]
+    assert [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[4:11]] == TABLE
+    assert [line.split(" | ")[1] for line in md.splitlines()[4:11]] == ["–", "–", "–", "–", "2", "2", "2"]
     assert set(json.loads((dest / "data/scores/soar/metrics.json").read_text())) == {"geneval", "ocr"}  # headline
     assert "geneval/position" in json.loads((dest / "data/scores/soar/all_metrics.json").read_text())
     rows = list(csv.DictReader((dest / "data/report/results.csv").open()))
-    assert [r["model"] for r in rows] == TABLE and [r["iterations"] for r in rows] == ["–"] * 4 + ["2", "2"]
+    assert [r["model"] for r in rows] == TABLE and [r["iterations"] for r in rows] == ["–"] * 4 + ["2"] * 3
     for r in rows:
         for key in ("geneval", "ocr", "geneval/position"):
             assert 0.0 <= float(r[f"{key}_lo"]) <= float(r[key]) <= float(r[f"{key}_hi"]) <= 1.0  # 95 % interval
             assert float(r[f"{key}_hi"]) > float(r[f"{key}_lo"])  # a dozen images: never a point
     assert re.search(r"\| \d\.\d{4} \(\d\.\d{3}–\d\.\d{3}\) \|", md.splitlines()[4])  # cells show intervals
     grid = Image.open(dest / "data/report/grid.png")
-    assert grid.width > 6 * 64 and grid.height > 4 * 64  # six model columns, 2 prompts x 2 sets
+    assert grid.width > 7 * 64 and grid.height > 4 * 64  # seven model columns, 2 prompts x 2 sets
     for name in REFERENCES:  # the same prompts and seeds, the layout and the guard of our own samples
         index = [json.loads(line) for line in (dest / f"data/samples/{name}/geneval/index.jsonl").open()]
         ours = [json.loads(line) for line in (dest / "data/samples/base/geneval/index.jsonl").open()]
@@ -136,9 +140,11 @@ def test_reference_images_equal_their_pipelines(repo, first_repro):
 def test_repro_writes_the_training_dynamics(repo, first_repro):
     dest, _ = repo
     final = json.loads((dest / "data/scores/soar/all_metrics.json").read_text())
-    for method in ("sft", "soar"):
+    base = {k: float(v) for k, v in json.loads((dest / "data/scores/base/all_metrics.json").read_text()).items()}
+    for method in ("grpo", "sft", "soar"):
         rows = list(csv.DictReader((dest / f"data/dynamics/{method}.csv").open()))
         assert [int(r["step"]) for r in rows] == [0, 1, 2]  # base, then the snapshots of steps 1 and 2
+        assert {k: float(v) for k, v in rows[0].items() if k != "step" and v != ""} == base
     # the step-2 snapshot is the final SOAR model (no EMA in the tiny profile): same images, same scores
     assert {k: float(v) for k, v in rows[-1].items() if k != "step" and v != ""} == final
     snapshot, sampled = dest / "data/dynamics/soar/step-000002", dest / "data/samples/soar"
@@ -159,7 +165,8 @@ def test_mlflow_has_one_run_per_stage(repo, first_repro):
     by = {(r.data.tags["stage"], r.data.tags["method"]): r for r in runs}
     expected = {("synth", "world"), ("prepare", "filter"), ("pretrain", "base"), ("train", "sft"), ("train", "soar"),
                 ("sample", "base"), ("sample", "sft"), ("sample", "soar"), ("score", "base"), ("score", "sft"),
-                ("score", "soar"), ("dynamics", "sft"), ("dynamics", "soar"), ("report", "all"), ("embed", "text")}
+                ("score", "soar"), ("dynamics", "sft"), ("dynamics", "soar"), ("report", "all"), ("embed", "text"),
+                ("train", "grpo"), ("sample", "grpo"), ("score", "grpo"), ("dynamics", "grpo")}
     expected |= {(stage, name) for stage in ("sample", "score") for name in REFERENCES}
     assert expected <= set(by) and len(runs) == len(expected)  # one run each
     assert len({r.data.tags["run_group"] for r in runs}) == 1  # one `dvc repro`, one group
@@ -176,6 +183,8 @@ def test_mlflow_has_one_run_per_stage(repo, first_repro):
     for key in ("loss", "loss_main", "loss_aux", "lr", "grad_norm", "images_per_s", "drift", "frac_t0"):
         assert key in soar_run.data.metrics, key
     assert "loss_aux" not in by[("train", "sft")].data.metrics
+    assert {"reward_mean", "kl", "clipfrac", "grad_norm"} <= set(by[("train", "grpo")].data.metrics)
+    assert by[("train", "grpo")].data.params["grpo.init_from"] == "base"
     assert soar_run.data.params["soar.lambda_aux"] == "1.0"
     assert len(soar_run.data.tags["git_commit"]) == 40
     assert "geneval" in by[("score", "soar")].data.metrics
@@ -265,7 +274,7 @@ def test_mlflow_server_over_the_moved_repository_shows_the_comparison(repo, exp_
         name = exp_name(moved, env)
         (first,) = set(results) - {name}
         assert first.startswith("repro-") and set(results) == set(scores) == {first, name}
-        assert scores == {first: {"base", "sft", "soar", *REFERENCES}, name: {"soar"}}  # the experiment: SOAR only
+        assert scores == {first: {"base", "sft", "soar", "grpo", *REFERENCES}, name: {"soar"}}  # the exp: SOAR only
         for group, r in results.items():
             assert "| + SOAR |" in r["tags"]["mlflow.note.content"] and group in r["tags"]["mlflow.note.content"]
         newest = results[name]["info"]["run_id"]
@@ -299,7 +308,7 @@ def test_study_runs_seeds_and_sweep_and_groups_them_in_mlflow(repo, first_repro)
     with (dest / "params.yaml").open("w") as f:
         YAML(typ="safe", pure=True).dump(params, f)
     out = run([sys.executable, "-m", "dvc", "repro", "study/dvc.yaml"], dest, env)
-    names = ["base", "sft-s0", "soar-s0", "sft-s1", "soar-s1", "sweep-l1.0-T1"]
+    names = ["base", "sft-s0", "soar-s0", "grpo-s0", "sft-s1", "soar-s1", "grpo-s1", "sweep-l1.0-T1"]
     runs = {n: json.loads((dest / f"data/study/runs/{n}/metrics.json").read_text())["metrics"] for n in names}
     assert not any((dest / f"data/study/runs/{n}/model").exists() for n in names)  # only metrics are kept
     for m in runs.values():
@@ -313,12 +322,16 @@ def test_study_runs_seeds_and_sweep_and_groups_them_in_mlflow(repo, first_repro)
     assert row["low"] <= row["diff"] <= row["high"]
     md = (dest / "data/report/study.md").read_text()
     assert "| drift/mean/k1 |" in md and "| geneval |" in md and "lambda_aux \\ trajectory_length" in md
+    grpo = {r["metric"]: r for r in report["grpo"]}["geneval"]
+    assert grpo["grpo_mean"] == pytest.approx((runs["grpo-s0"]["geneval"] + runs["grpo-s1"]["geneval"]) / 2)
+    assert grpo["grpo_minus_base"] == pytest.approx(grpo["grpo_mean"] - runs["base"]["geneval"], abs=1e-12)
+    assert "## Flow-GRPO over the same seeds" in md
     assert Image.open(dest / "data/report/drift.png").width > 300
     client = mlflow.MlflowClient(tracking_uri=store(dest))
     exp = client.get_experiment_by_name("soar-study")
     all_runs = client.search_runs([exp.experiment_id], max_results=200)
     parents = {r.data.tags["group"]: r for r in all_runs if r.data.tags.get("group_parent") == "true"}
-    assert set(parents) == {"base", "sft", "soar", "sweep lambda_aux=1.0 trajectory_length=1"}
+    assert set(parents) == {"base", "sft", "soar", "grpo", "sweep lambda_aux=1.0 trajectory_length=1"}
     children = [r for r in all_runs if r.data.tags.get("study_run") in ("sft-s0", "sft-s1")]
     assert len(children) == 2 and {r.data.tags["mlflow.parentRunId"] for r in children} == {
         parents["sft"].info.run_id}
@@ -329,4 +342,28 @@ def test_study_runs_seeds_and_sweep_and_groups_them_in_mlflow(repo, first_repro)
     assert ran_stages(again) == set(), again
     status = run([sys.executable, "-m", "dvc", "status"], dest, env)  # every pipeline of the project
     assert status.strip() == "Data and pipelines are up to date.", status
-    assert {"study/dvc.yaml:seed@sft-0", "study/dvc.yaml:sweep@1.0-1", "study/dvc.yaml:report"} <= ran_stages(out)
+    assert {"study/dvc.yaml:seed@sft-0", "study/dvc.yaml:seed@grpo-1", "study/dvc.yaml:sweep@1.0-1",
+            "study/dvc.yaml:report"} <= ran_stages(out)
+
+
+def test_soar_then_grpo_is_one_parameter(repo, exp_run):
+    """`grpo.init_from: soar`: only the GRPO arm and the report rerun; the GRPO run records its start, its curve
+    starts from SOAR's scores, and its row reads + SOAR + GRPO."""
+    import mlflow
+
+    dest, env = repo
+    params = read_params(dest / "params.yaml")
+    params["grpo"]["init_from"] = "soar"
+    with (dest / "params.yaml").open("w") as f:
+        YAML(typ="safe", pure=True).dump(params, f)
+    out = run([sys.executable, "-m", "dvc", "repro"], dest, env)
+    assert ran_stages(out) == {"train@grpo", "sample@grpo", "score@grpo", "dynamics@grpo", "report"}, out
+    soar = {k: float(v) for k, v in json.loads((dest / "data/scores/soar/all_metrics.json").read_text()).items()}
+    rows = list(csv.DictReader((dest / "data/dynamics/grpo.csv").open()))
+    assert {k: float(v) for k, v in rows[0].items() if k != "step" and v != ""} == soar  # step 0: SOAR's model
+    md = (dest / "data/report/results.md").read_text()
+    assert [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[4:11]] == TABLE[:-1] + ["+ SOAR + GRPO"]
+    client = mlflow.MlflowClient(tracking_uri=store(dest))
+    runs = client.search_runs([client.get_experiment_by_name("soar").experiment_id],
+                              "tags.stage = 'train' and tags.method = 'grpo'", order_by=["attributes.start_time DESC"])
+    assert runs[0].data.params["grpo.init_from"] == "soar"

@@ -7,7 +7,7 @@ Starts ``mlflow server`` on 127.0.0.1 (a free port) at the repository root over 
 artifacts under ``mlruns/``), exactly as the README's command does; opens in headless Chromium (Debian's
 ``chromium``, driven by playwright: ``pip install -e '.[docs]'``, ``apt-get install chromium``):
 
-1. the README's link, the *base / SFT / SOAR* view: the score runs side by side, grouped by run group;
+1. the README's link, the *base / SFT / SOAR / GRPO* view: the score runs side by side, grouped by run group;
 2. the ``results`` run's Overview: the results table as its description;
 3. the *training curves* view (charts);
 4. the first sample run's per-set grid (the prompts under the images), as MLflow's artifact viewer shows it;
@@ -121,9 +121,10 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport=VIEWPORT)
             shoot(page, view_url(ui, experiment, RESULTS_VIEW), out / "mlflow_results_view.png",
-                  ["score:base", "score:sft", "score:soar", "geneval", "run_group"], "base / SFT / SOAR view")
+                  ["score:base", "score:sft", "score:soar", "score:grpo", "geneval", "run_group"],
+                  "base / SFT / SOAR / GRPO view")
             shoot(page, run_url(ui, experiment, results), out / "mlflow_results_run.png",
-                  ["+ SFT", "+ SOAR", "results/soar/geneval"], "results run")
+                  ["+ SFT", "+ SOAR", "+ GRPO", "results/soar/geneval"], "results run")
             shoot(page, view_url(ui, experiment, TRAINING_VIEW, charts=True), out / "mlflow_training_view.png",
                   ["Training", "Reward vs step", "loss_aux"], "training curves view")
             shoot(page, f"{run_url(ui, experiment, sample).replace('?', '/artifacts/samples/geneval.png?')}",
