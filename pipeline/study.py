@@ -1,8 +1,9 @@
-"""The multi-seed study: SFT and SOAR from one base and data, several seeds, a SOAR sweep.
+"""The multi-seed study: SFT, SOAR and GRPO from one base and data, several seeds, a SOAR sweep.
 
 A *variant* is one configuration and seed. ``run_variant`` trains it from ``model.base_path`` on the
-prepared data with the ``train`` / ``soar`` settings (seed and swept keys replaced; validation, snapshots
-and checkpoints off), then evaluates the trained transformer exactly like every other variant:
+prepared data with the ``train`` / ``soar`` settings, or with Flow-GRPO on ``grpo.prompts`` (seed and
+swept keys replaced; validation, snapshots and checkpoints off), then evaluates
+the trained transformer exactly like every other variant:
 
 * the prompt sets of ``sample`` are sampled in memory (same seeds, CFG and resolution as the sample
   stage) at ``sample.num_inference_steps`` and, for base and seed runs, at each ``study.sampling_steps``,
@@ -28,6 +29,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.evaluation import build_scorers, score_entries, scorer_names, set_metrics
+from pipeline.grpo import run_grpo
 from pipeline.sample_sets import NEGATIVE_PROMPT, fixed_batches, open_bundle, set_entries
 from pipeline.study_variants import BASE, Variant, variant_config
 from pipeline.tracking import group_run, stage_run
@@ -112,7 +114,10 @@ def meter(bundle: SD3Bundle, cfg: Config) -> dict[str, float]:
 def train_variant(cfg: Config, variant: Variant, out: Path, run) -> None:
     """Train ``variant`` from the base into ``out/transformer`` (logging to ``run``); SFT = no soar section."""
     v = variant_config(cfg, variant)
-    post_train(v, variant.method, out, stage="study", run=run)
+    if variant.method == "grpo":
+        run_grpo(v, out, stage="study", run=run)
+    else:
+        post_train(v, variant.method, out, stage="study", run=run)
 
 
 def run_variant(cfg: Config, variant: Variant, params: dict) -> dict[str, float]:

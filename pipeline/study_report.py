@@ -3,6 +3,8 @@
 * main table: per metric, the base, SFT and SOAR as mean ± std over seeds, and SOAR − SFT with its
   Welch interval; the verdict says which is better only when the interval excludes 0 (drift: lower
   is better, every reward: higher);
+* GRPO table: per metric, GRPO as mean ± std over seeds, GRPO − base with its one-sample t interval
+  (the base is one exact value) and GRPO − SOAR with its Welch interval, each with its verdict;
 * steps table: the final metrics at each ``study.sampling_steps`` (mean over seeds);
 * sweep table: SOAR at each lambda_aux x trajectory_length (seed ``study.seeds[0]``);
 * ``drift.png``: drift D(k) per starting sigma, base and the seed means ± std of SFT and SOAR.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.study_stats import Difference, summarize, welch_difference
+from pipeline.study_stats import Difference, shift_from, summarize, welch_difference
 
 LOWER_IS_BETTER = ("drift",)  # metric name prefixes where smaller is better
 DRIFT = re.compile(r"drift/s(?P<sigma>[0-9.]+)/k(?P<k>\d+)$")
@@ -41,13 +43,13 @@ def headline_metrics(metrics: Mapping[str, float], max_k: int) -> list[str]:
     return sorted(keys) + [f"drift/mean/k{k}" for k in ks if f"drift/mean/k{k}" in metrics]
 
 
-def verdict(metric: str, d: Difference) -> str:
-    """Plain words for the SOAR − SFT interval of ``metric``."""
+def verdict(metric: str, d: Difference, name: str = "SOAR") -> str:
+    """Plain words for the interval of ``metric``'s difference ``name`` − other (SOAR − SFT by default)."""
     if not d.excludes_zero:
         return "no clear difference"
-    soar_higher = d.low > 0
+    higher = d.low > 0
     lower_better = metric.startswith(LOWER_IS_BETTER)
-    return "SOAR better" if soar_higher != lower_better else "SOAR worse"
+    return f"{name} better" if higher != lower_better else f"{name} worse"
 
 
 def fmt(x: float) -> str:
@@ -73,16 +75,37 @@ def main_table(base: Mapping[str, float], sft: Sequence[Mapping], soar: Sequence
     return "\n".join(lines), rows
 
 
-def steps_table(base: Mapping[str, float], sft: Sequence[Mapping], soar: Sequence[Mapping], metrics: Sequence[str],
+def grpo_table(base: Mapping[str, float], soar: Sequence[Mapping], grpo: Sequence[Mapping], metrics: Sequence[str],
+               confidence: float) -> tuple[str, list[dict]]:
+    """Markdown table and rows of GRPO over seeds: its shift from the base (one-sample t) and from SOAR (Welch)."""
+    pct = round(confidence * 100)
+    lines = [f"| metric | base | GRPO (mean ± std) | GRPO − base [{pct}% CI, t] | verdict | "
+             f"GRPO − SOAR [{pct}% CI, Welch] | verdict |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for m in (m for m in metrics if m in base):
+        g = [r[m] for r in grpo]
+        sg, up, vs = summarize(g), shift_from(g, base[m], confidence), welch_difference([r[m] for r in soar], g,
+                                                                                      confidence)
+        rows.append({"metric": m, "base": base[m], "grpo_mean": sg.mean, "grpo_std": sg.std, "n_grpo": sg.n,
+                     "grpo_minus_base": up.diff, "grpo_minus_base_low": up.low, "grpo_minus_base_high": up.high,
+                     "grpo_minus_soar": vs.diff, "grpo_minus_soar_low": vs.low, "grpo_minus_soar_high": vs.high,
+                     "verdict_base": verdict(m, up, "GRPO"), "verdict_soar": verdict(m, vs, "GRPO")})
+        lines.append(f"| {m} | {fmt(base[m])} | {fmt(sg.mean)} ± {fmt(sg.std)} | "
+                     f"{up.diff:+.4f} [{up.low:+.4f}, {up.high:+.4f}] | {verdict(m, up, 'GRPO')} | "
+                     f"{vs.diff:+.4f} [{vs.low:+.4f}, {vs.high:+.4f}] | {verdict(m, vs, 'GRPO')} |")
+    return "\n".join(lines), rows
+
+
+def steps_table(base: Mapping[str, float], groups: Mapping[str, Sequence[Mapping]], metrics: Sequence[str],
                 steps: Sequence[int], default_steps: int) -> str:
-    """Final metrics vs number of sampling steps (seed means)."""
+    """Final metrics vs number of sampling steps: the base and the seed means of each of ``groups`` (name -> runs)."""
     def key(m: str, n: int) -> str:
         return m if n == default_steps else f"steps{n}/{m}"
 
-    lines = ["| metric | steps | base | SFT | SOAR |", "|---|---|---|---|---|"]
+    lines = ["| metric | steps | base | " + " | ".join(groups) + " |", "|---" * (len(groups) + 3) + "|"]
     for m in metrics:
         for n in sorted(steps):
-            means = [float(np.mean([r[key(m, n)] for r in group])) for group in (sft, soar)]
+            means = [float(np.mean([r[key(m, n)] for r in group])) for group in groups.values()]
             vals = [base.get(key(m, n), float("nan")), *means]
             lines.append(f"| {m} | {n} | " + " | ".join(fmt(v) for v in vals) + " |")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Statistics of the multi-seed study: mean ± std over seeds and the Welch interval of a difference.
+"""Statistics of the multi-seed study: mean ± std over seeds, the Welch interval of a difference of two groups
+and the one-sample interval of a group's shift from one exact value.
 
 Pure functions over plain sequences of floats (one value per seed); no files, no MLflow.
 """
@@ -66,3 +67,19 @@ def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float =
     dof = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
     half = float(stats.t.ppf((1 + confidence) / 2, dof)) * se
     return Difference(diff, diff - half, diff + half, dof, confidence)
+
+
+def shift_from(values: Sequence[float], reference: float, confidence: float = 0.95) -> Difference:
+    """``mean(values) - reference`` with its two-sided one-sample t interval (``reference`` is one exact value,
+    e.g. the base model's score): diff ± t_{(1+confidence)/2, n-1} s / sqrt(n), n >= 2; zero spread gives the
+    point ``[diff, diff]`` with dof NaN."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"shift_from: confidence must be in (0, 1), got {confidence}")
+    sv = summarize(values)
+    if sv.n < 2:
+        raise ValueError(f"shift_from: need >= 2 values, got {sv.n}")
+    diff = sv.mean - float(reference)
+    if sv.std == 0:
+        return Difference(diff, diff, diff, math.nan, confidence)
+    half = float(stats.t.ppf((1 + confidence) / 2, sv.n - 1)) * sv.std / math.sqrt(sv.n)
+    return Difference(diff, diff - half, diff + half, float(sv.n - 1), confidence)

@@ -17,8 +17,8 @@ BASE = "base"
 class Variant:
     """One trained (or the base) model of the study."""
 
-    method: str  # "base", "sft" or "soar"
-    seed: int | None = None  # train.seed (None for the base)
+    method: str  # "base", "sft", "soar" or "grpo"
+    seed: int | None = None  # train.seed, or grpo.seed for GRPO (None for the base)
     lambda_aux: float | None = None  # soar.lambda_aux (SOAR only)
     trajectory_length: int | None = None  # soar.trajectory_length (SOAR only)
     sweep: bool = False  # a sweep cell (evaluated at sample.num_inference_steps only)
@@ -32,17 +32,20 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """Folder and run name: ``base``, ``sft-s0``, ``soar-s0``, ``sweep-l0.5-T1`` (as study/dvc.yaml spells them)."""
+        """Folder and run name: ``base``, ``sft-s0``, ``soar-s0``, ``grpo-s0``, ``sweep-l0.5-T1`` (as study/dvc.yaml
+        spells them)."""
         if self.sweep:
             return f"sweep-l{self.lambda_aux}-T{self.trajectory_length}"
         return self.method if self.method == BASE else f"{self.method}-s{self.seed}"
 
 
 def seed_variants(cfg: Config) -> list[Variant]:
-    """SFT and SOAR (the ``soar`` section's lambda_aux and trajectory_length) for every ``study.seeds``."""
+    """SFT, SOAR (the ``soar`` section's lambda_aux and trajectory_length) and GRPO (the ``grpo`` section) for every
+    ``study.seeds``."""
     soar = cfg.soar
     return [v for s in cfg.study.seeds for v in (Variant("sft", s), Variant("soar", s, soar.lambda_aux,
-                                                                             soar.trajectory_length))]
+                                                                             soar.trajectory_length),
+                                                 Variant("grpo", s))]
 
 
 def sweep_variants(cfg: Config) -> list[Variant]:
@@ -61,11 +64,15 @@ def find_variant(cfg: Config, name: str) -> Variant:
 
 
 def variant_config(cfg: Config, variant: Variant) -> Config:
-    """``cfg`` as ``variant`` trains: its seed and SOAR settings; validation, snapshots and checkpoints off."""
+    """``cfg`` as ``variant`` trains: its seed and SOAR settings; validation, snapshots and checkpoints off; GRPO
+    from the base model (``grpo.init_from`` is the main pipeline's choice: the study compares arms from one start)."""
     if variant.method == BASE:
         return cfg
-    train = dataclasses.replace(cfg.train, seed=variant.seed, validation_steps=0, snapshot_steps=0,
-                                checkpointing_steps=0, resume_from_checkpoint=None)
+    off = dict(seed=variant.seed, validation_steps=0, snapshot_steps=0, checkpointing_steps=0,
+               resume_from_checkpoint=None)
+    if variant.method == "grpo":  # from the base model, as every arm of the study
+        return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, init_from=BASE, **off))
+    train = dataclasses.replace(cfg.train, **off)
     soar = None if variant.method == "sft" else dataclasses.replace(
         cfg.soar, lambda_aux=variant.lambda_aux, trajectory_length=variant.trajectory_length)
     return dataclasses.replace(cfg, train=train, soar=soar)

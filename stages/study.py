@@ -1,7 +1,7 @@
 """Stages of the multi-seed study (study/dvc.yaml; pipeline/study.py says what a run is).
 
     python -m stages.study base          # evaluate the base model (scores at every study.sampling_steps, drift)
-    python -m stages.study sft-s0        # train + evaluate one seed run (sft-s{seed}, soar-s{seed})
+    python -m stages.study sft-s0        # train + evaluate one seed run (sft-s{seed}, soar-s{seed}, grpo-s{seed})
     python -m stages.study sweep-l0.5-T1 # one SOAR sweep cell (lambda_aux 0.5, trajectory_length 1)
 
 The report is ``stages/study_report.py``.
@@ -16,7 +16,7 @@ from pipeline.study import run_variant as run_one
 from pipeline.study_variants import find_variant, variant_config
 from stages.common import load, run_main
 
-PARAMS = ("data", "model", "train", "soar", "sample", "score", "study", "mlflow")
+PARAMS = ("data", "model", "train", "soar", "grpo", "sample", "score", "study", "mlflow")
 
 
 def main(name: str) -> None:

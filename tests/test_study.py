@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from pipeline.config import parse_config, read_params
-from pipeline.study_report import drift_series, headline_metrics, main_table, sweep_table, verdict
-from pipeline.study_stats import Difference, summarize, welch_difference
+from pipeline.study_report import drift_series, grpo_table, headline_metrics, main_table, sweep_table, verdict
+from pipeline.study_stats import Difference, shift_from, summarize, welch_difference
 from pipeline.study_variants import BASE, find_variant, seed_variants, sweep_variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,49 @@ def test_welch_degenerate_and_bad_input():
         welch_difference([1.0, 2.0], [1.0, 2.0], confidence=1.0)
 
 
+@pytest.mark.parametrize("x,ref,conf", [([0.1, 0.2, 0.15], 0.05, 0.95), ([1.0, 2.0, 4.0, 3.0], 3.5, 0.9),
+                                        ([0.0, 1e-3], 0.0, 0.99)])
+def test_shift_interval_matches_scipy_and_closed_form(x, ref, conf):
+    d = shift_from(x, ref, conf)
+    t = stats.ttest_1samp(x, ref).confidence_interval(conf)  # an interval for mean(x); shift it by ref
+    assert d.diff == pytest.approx(np.mean(x) - ref, abs=1e-14) and d.dof == len(x) - 1
+    assert (d.low, d.high) == pytest.approx((t.low - ref, t.high - ref), abs=1e-12)
+    half = stats.t.ppf((1 + conf) / 2, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
+    assert d.high - d.diff == pytest.approx(half, rel=1e-12)
+
+
+def test_shift_degenerate_and_bad_input():
+    d = shift_from([0.25, 0.25, 0.25], 0.2)
+    assert (d.low, d.high) == (d.diff, d.diff) and d.diff == pytest.approx(0.05) and d.excludes_zero
+    with pytest.raises(ValueError, match=">= 2 values"):
+        shift_from([1.0], 0.0)
+    with pytest.raises(ValueError, match="confidence"):
+        shift_from([1.0, 2.0], 0.0, confidence=0.0)
+
+
+def test_grpo_table_rows_are_the_statistics_of_the_runs():
+    base = {"geneval": 0.1, "drift/mean/k1": 0.3}
+    soar = [{"geneval": 0.2, "drift/mean/k1": 0.3}, {"geneval": 0.3, "drift/mean/k1": 0.31}]
+    grpo = [{"geneval": 0.4, "drift/mean/k1": 0.3}, {"geneval": 0.5, "drift/mean/k1": 0.35},
+            {"geneval": 0.45, "drift/mean/k1": 0.32}]
+    text, rows = grpo_table(base, soar, grpo, ["geneval", "drift/mean/k1"], 0.95)
+    g = rows[0]
+    assert g["grpo_mean"] == pytest.approx(0.45) and g["grpo_minus_base"] == pytest.approx(0.35)
+    t = stats.ttest_1samp([0.4, 0.5, 0.45], 0.1).confidence_interval(0.95)
+    assert (g["grpo_minus_base_low"], g["grpo_minus_base_high"]) == pytest.approx((t.low - 0.1, t.high - 0.1))
+    w = stats.ttest_ind([0.4, 0.5, 0.45], [0.2, 0.3], equal_var=False).confidence_interval(0.95)
+    assert (g["grpo_minus_soar_low"], g["grpo_minus_soar_high"]) == pytest.approx((w.low, w.high))
+    assert g["verdict_base"] == "GRPO better" and "| geneval | 0.1000 | 0.4500 ± 0.0500 | +0.3500 [" in text
+    assert rows[1]["verdict_base"] in ("GRPO worse", "no clear difference")  # drift: lower is better
+
+
 def test_verdict_direction():
     up, down, zero = Difference(0.1, 0.05, 0.15, 4, 0.95), Difference(-0.1, -0.15, -0.05, 4, .95), \
         Difference(0.1, -0.05, 0.25, 4, .95)
     assert verdict("geneval", up) == "SOAR better" and verdict("geneval", down) == "SOAR worse"
     assert verdict("drift/mean/k1", down) == "SOAR better" and verdict("drift/mean/k1", up) == "SOAR worse"
     assert verdict("ocr", zero) == "no clear difference"
+    assert verdict("geneval", up, "GRPO") == "GRPO better" and verdict("drift/mean/k1", up, "GRPO") == "GRPO worse"
 
 
 def test_main_table_rows_are_the_statistics_of_the_runs():
@@ -85,8 +122,8 @@ def test_headline_metrics_and_drift_parsing():
 def test_variants_and_names_follow_the_config():
     cfg = parse_config(read_params(ROOT / "params.yaml"))
     seeds = seed_variants(cfg)
-    assert [v.name for v in seeds] == [f"{m}-s{s}" for s in cfg.study.seeds for m in ("sft", "soar")]
-    assert {v.group for v in seeds} == {"sft", "soar"}
+    assert [v.name for v in seeds] == [f"{m}-s{s}" for s in cfg.study.seeds for m in ("sft", "soar", "grpo")]
+    assert {v.group for v in seeds} == {"sft", "soar", "grpo"}
     assert all(v.lambda_aux == cfg.soar.lambda_aux for v in seeds if v.method == "soar")
     sweep = sweep_variants(cfg)
     assert len(sweep) == len(cfg.study.lambda_aux) * len(cfg.study.trajectory_length)
