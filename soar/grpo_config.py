@@ -53,6 +53,11 @@ class GrpoConfig(LoopConfig, LoraConfig, ValidationConfig):
     adv_clip_max: float = 5.0  # advantages clipped to +- this before the PPO objective
     beta: float = 0.04  # weight of the KL to the starting model (0: no KL term and no reference forward)
     global_std: bool = True  # divide by the std of all rewards of the iteration (false: each group's own std)
+    # the loop's keys with other defaults than train's: the tiny world's GRPO, 20 iterations (~4.5 min on 2 cores)
+    learning_rate: float = 3.0e-4  # AdamW learning rate (Flow-GRPO's; on the tiny base 1e-3 collapsed GenEval)
+    max_train_steps: int = 40  # optimiser steps (updates_per_iteration per iteration)
+    snapshot_steps: int = 10  # every N steps save the sampled weights (EMA, LoRA merged) to <out>/snapshots (0 = none)
+    validation_steps: int = 20  # sample the validation prompts every this many optimiser steps, to MLflow (0 = off)
 
     def __post_init__(self) -> None:
         for base in (LoopConfig, LoraConfig, ValidationConfig):
