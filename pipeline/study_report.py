@@ -82,17 +82,18 @@ def grpo_table(base: Mapping[str, float], soar: Sequence[Mapping], grpo: Sequenc
     lines = [f"| metric | base | GRPO (mean ± std) | GRPO − base [{pct}% CI, t] | verdict | "
              f"GRPO − SOAR [{pct}% CI, Welch] | verdict |", "|---|---|---|---|---|---|---|"]
     rows = []
-    for m in (m for m in metrics if m in base):
+    for m in [m for m in metrics if m in base]:
         g = [r[m] for r in grpo]
         sg, up, vs = summarize(g), shift_from(g, base[m], confidence), welch_difference([r[m] for r in soar], g,
                                                                                       confidence)
+        said = {"verdict_base": verdict(m, up, "GRPO"), "verdict_soar": verdict(m, vs, "GRPO")}
         rows.append({"metric": m, "base": base[m], "grpo_mean": sg.mean, "grpo_std": sg.std, "n_grpo": sg.n,
                      "grpo_minus_base": up.diff, "grpo_minus_base_low": up.low, "grpo_minus_base_high": up.high,
                      "grpo_minus_soar": vs.diff, "grpo_minus_soar_low": vs.low, "grpo_minus_soar_high": vs.high,
-                     "verdict_base": verdict(m, up, "GRPO"), "verdict_soar": verdict(m, vs, "GRPO")})
+                     **said})
         lines.append(f"| {m} | {fmt(base[m])} | {fmt(sg.mean)} ± {fmt(sg.std)} | "
-                     f"{up.diff:+.4f} [{up.low:+.4f}, {up.high:+.4f}] | {verdict(m, up, 'GRPO')} | "
-                     f"{vs.diff:+.4f} [{vs.low:+.4f}, {vs.high:+.4f}] | {verdict(m, vs, 'GRPO')} |")
+                     f"{up.diff:+.4f} [{up.low:+.4f}, {up.high:+.4f}] | {said['verdict_base']} | "
+                     f"{vs.diff:+.4f} [{vs.low:+.4f}, {vs.high:+.4f}] | {said['verdict_soar']} |")
     return "\n".join(lines), rows
 
 
