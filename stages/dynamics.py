@@ -47,21 +47,21 @@ def main(method: str) -> None:
     if not snapshots and state.is_main_process:
         print(f"dynamics {method}: no snapshots under {Path(cfg.model.models_dir) / method / SNAPSHOT_DIR} "
               "(snapshot_steps: 0?); the curve has step 0 (the starting model) only", flush=True)
-    tic = time.perf_counter()
-    sample_snapshots(state, method, snapshots, root, cfg)
-    seconds = time.perf_counter() - tic
-    state.destroy_process_group()
-    if not state.is_main_process:
-        return  # scoring runs on the main process alone
-    steps = [step for step, _ in snapshots]
-    needed = bool(steps) or cfg.dynamics.max_prompts_per_set is not None  # step 0 alone may need them too
-    scorers = build_scorers(cfg.score, scorer_names(cfg.score.scorers)) if needed else None
-    start = start_model(method, cfg.grpo.init_from if cfg.grpo else None)
-    rows = [{"step": 0, **base_point(Path(cfg.score.out_dir) / start, cfg, scorers, start)}]
-    rows += score_snapshots(scorers, cfg, method, root, steps)
-    curve = Path(cfg.dynamics.out_dir) / f"{method}.csv"
-    write_curve(curve, rows)
-    with stage_run(cfg.mlflow, "dynamics", method, declared(cfg, params)) as run:
+    with stage_run(cfg.mlflow, "dynamics", method, declared(cfg, params), main_process=state.is_main_process) as run:
+        tic = time.perf_counter()
+        sample_snapshots(state, method, snapshots, root, cfg)
+        seconds = time.perf_counter() - tic
+        state.destroy_process_group()
+        if not state.is_main_process:
+            return  # scoring runs on the main process alone
+        steps = [step for step, _ in snapshots]
+        needed = bool(steps) or cfg.dynamics.max_prompts_per_set is not None  # step 0 alone may need them too
+        scorers = build_scorers(cfg.score, scorer_names(cfg.score.scorers)) if needed else None
+        start = start_model(method, cfg.grpo.init_from if cfg.grpo else None)
+        rows = [{"step": 0, **base_point(Path(cfg.score.out_dir) / start, cfg, scorers, start)}]
+        rows += score_snapshots(scorers, cfg, method, root, steps)
+        curve = Path(cfg.dynamics.out_dir) / f"{method}.csv"
+        write_curve(curve, rows)
         for row in rows:
             run.log_metrics({f"dynamics/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
         run.log_metrics({"snapshots": len(steps), "sampling_seconds": seconds})
