@@ -75,12 +75,13 @@ class DataConfig:
     quality_threshold: float = 5.0  # keep images whose quality score is >= this
     prepared_dir: str = "data/prepared"  # output of prepare: filtered train.jsonl and report.json
     dataloader_num_workers: int = 0  # DataLoader worker processes (0 = in the main process)
+    image_memory_mib: int = 1024  # decoded training images kept in memory, MiB per loader process (0 = none)
     text_cache: str | None = "data/cache/text_embeddings"  # embed stage's text-embedding folder; null = per run
     text_cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the cached embeddings
     latent_cache: str | None = None  # folder of per-image VAE posterior moments filled by train@* (null = per step)
 
     def __post_init__(self) -> None:
-        at_least(self, 0, "dataloader_num_workers")
+        at_least(self, 0, "dataloader_num_workers", "image_memory_mib")
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                  image_dir: str | Path, out_dir: str | Path, *, stage: str, method: str, mlflow_cfg,
                  params: dict, dataloader_num_workers: int = 0, text_cache: str | Path | None = None,
                  model_dir: str | Path | None = None, latent_cache: str | Path | None = None,
-                 run: StageRun | None = None, text_encoder_dtype: str = "float32") -> dict[str, float]:
+                 run: StageRun | None = None, text_encoder_dtype: str = "float32",
+                 image_memory_mib: int = 0) -> dict[str, float]:
     """Train and save ``bundle.transformer`` under ``out_dir``; logs to MLflow from rank 0.
 
     ``text_cache``: the embed stage's folder, checked against the text encoders of ``model_dir`` (the
@@ -120,6 +121,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
     None: captions are encoded once at the start.
     ``latent_cache``: folder of the VAE latent cache (keyed by ``model_dir``'s codec files); None: encode per step.
     ``run``: an open MLflow run to log into (the study's per-seed runs); None opens ``{stage}:{method}``.
+    ``image_memory_mib``: decoded training images kept in memory (``data.image_memory_mib``).
     """
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
     records = read_clean_records(jsonl_path)  # prepare is where lines get dropped
@@ -152,7 +154,7 @@ def run_training(bundle: SD3Bundle, t: TrainConfig, soar: SoarConfig | None, jso
                       t.max_train_steps, run) as (run, log):
         final = train(bundle, records, image_dir, t, soar, out_dir, accelerator, log, text=text,
                       on_validation=validation_logger(run, stage, method, t.validation_prompts), latents=latents,
-                      dataloader_num_workers=dataloader_num_workers)
+                      dataloader_num_workers=dataloader_num_workers, image_memory_mib=image_memory_mib)
     accelerator.end_training()
     return final
 
@@ -174,4 +176,5 @@ def post_train(cfg: Config, method: str, out_dir: str | Path, *, stage: str = "t
                         method=method, mlflow_cfg=cfg.mlflow, params=params or {},
                         dataloader_num_workers=cfg.data.dataloader_num_workers, text_cache=cfg.data.text_cache,
                         model_dir=cfg.model.base_path, latent_cache=cfg.data.latent_cache, run=run,
-                        text_encoder_dtype=cfg.model.text_encoder_dtype)
+                        text_encoder_dtype=cfg.model.text_encoder_dtype,
+                        image_memory_mib=cfg.data.image_memory_mib)

@@ -150,7 +150,7 @@ def full_precision(weights: list, engine) -> list[torch.Tensor]:
 def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainConfig, soar: SoarConfig | None,
           out_dir: str | Path, accelerator: Accelerator, log: Logger, *, text: TextTable | None = None,
           on_validation: OnValidation | None = None, latents: LatentCache | None = None,
-          dataloader_num_workers: int = 0) -> dict[str, float]:
+          dataloader_num_workers: int = 0, image_memory_mib: int = 0) -> dict[str, float]:
     """Train ``bundle.transformer`` on ``records`` and save it to ``out_dir`` in diffusers format.
 
     ``text``: the captions' embeddings (e.g. ``soar.text_cache.load_cache``), holding every training
@@ -158,6 +158,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
     receives the validation images on the main process every ``loop.validation_steps`` steps. ``latents``: a
     VAE latent cache; images it lacks are encoded once here (each process a share) before step 1.
     ``soar`` None trains SFT (or pretrains): the same step without rollout or auxiliary points.
+    ``image_memory_mib``: decoded training images kept in memory per loader process (``ImageCaptionDataset``).
     """
     step = StepSettings(loop, soar)
     validate = loop.validation_enabled and on_validation is not None
@@ -181,7 +182,7 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
     shift = float(bundle.scheduler.config.shift)  # the scheduler's sigmas: grid and continuous shift(u)
     grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
-    dataset = ImageCaptionDataset(records, image_dir)
+    dataset = ImageCaptionDataset(records, image_dir, memory_bytes=image_memory_mib * 2**20)
     if latents is not None:  # fill the latent cache once (each process its share), then read moments only
         todo = latents.missing(records)
         progress = Progress(f"latent cache {latents.dir}", len(todo), unit="image", main=accelerator.is_main_process)

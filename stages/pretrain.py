@@ -37,7 +37,7 @@ def main() -> None:
     bundle = load_bundle(out)
     run_training(bundle, cfg.pretrain, None, cfg.data.jsonl_path, cfg.data.image_dir, out, stage="pretrain",
                  method="base", mlflow_cfg=cfg.mlflow, params=declared(cfg, PARAMS),
-                 dataloader_num_workers=cfg.data.dataloader_num_workers)
+                 dataloader_num_workers=cfg.data.dataloader_num_workers, image_memory_mib=cfg.data.image_memory_mib)
 
 
 if __name__ == "__main__":

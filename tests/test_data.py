@@ -199,6 +199,29 @@ def test_dataset_crops_to_bucket_and_scales_pixels(tmp_path):
         collate([dataset[0], dataset[1]])
 
 
+def test_dataset_memory_keeps_crops_within_its_budget_and_the_same_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        save_jpg(tmp_path / f"{name}.jpg", rng.integers(0, 256, (40, 40, 3)))
+    (tmp_path / "t.jsonl").write_text("".join(line(n, bw=32, bh=32) + "\n" for n in "abc"))
+    records = read_training_records(tmp_path / "t.jsonl")[0]
+    plain = ImageCaptionDataset(records, tmp_path)
+    kept = ImageCaptionDataset(records, tmp_path, memory_bytes=2 * 32 * 32 * 3)  # room for two crops
+    expected = [plain[i]["pixels"] for i in range(3)]
+    assert all(torch.equal(kept[i]["pixels"], expected[i]) for i in range(3))
+    for name in "abc":
+        (tmp_path / f"{name}.jpg").unlink()
+    for i in (0, 1):  # kept: never read again, the same pixels, and a caller's write does not reach the copy kept
+        item = kept[i]["pixels"]
+        assert torch.equal(item, expected[i])
+        item.zero_()
+        assert torch.equal(kept[i]["pixels"], expected[i])
+    with pytest.raises(ImageLoadError, match=r"c\.jpg"):  # over the budget: decoded on every access
+        kept[2]
+    with pytest.raises(ImageLoadError, match=r"a\.jpg"):  # no budget, nothing kept
+        plain[0]
+
+
 def test_dataset_missing_or_corrupt_file_raises_naming_it(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     (tmp_path / "t.jsonl").write_text(line("gone") + "\n" + line("bad") + "\n")

@@ -53,15 +53,20 @@ class ImageCaptionDataset(Dataset):
     """``records[i]`` -> ``{"pixels": float32 [3, bh, bw] in [-1, 1], "caption": str, "md5": str}``.
 
     With ``latents`` (a ``soar.latent_cache.LatentCache``) items carry the cached posterior moments
-    ``"mean"``, ``"std"`` (float32 ``[C, h, w]``) instead of pixels.
+    ``"mean"``, ``"std"`` (float32 ``[C, h, w]``) instead of pixels. ``memory_bytes``: decoded, cropped images
+    (uint8) are kept in memory up to this many bytes, first come first kept, and never decoded again; the
+    pixels are the same either way (0 = decode on every access).
     """
 
-    def __init__(self, records: Sequence[TrainingRecord], image_dir: str | Path, latents=None):
+    def __init__(self, records: Sequence[TrainingRecord], image_dir: str | Path, latents=None, memory_bytes: int = 0):
         if not records:
             raise ValueError(f"ImageCaptionDataset over {image_dir}: no records")
         self.records = list(records)
         self.image_dir = Path(image_dir)
         self.latents = latents
+        self.memory_bytes = memory_bytes
+        self._kept: dict[int, np.ndarray] = {}
+        self._kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -74,9 +79,20 @@ class ImageCaptionDataset(Dataset):
     def pixel_item(self, index: int) -> dict[str, Any]:
         """The item with its pixels, whether or not a latent cache is set."""
         record = self.records[index]
-        image = load_rgb(record.image_path(self.image_dir))
-        pixels = to_pixels(resize_center_crop(image, record.bw, record.bh))
-        return {"pixels": pixels, "caption": record.caption, "md5": record.md5}
+        return {"pixels": to_pixels(self.crop(index)), "caption": record.caption, "md5": record.md5}
+
+    def crop(self, index: int) -> np.ndarray:
+        """Image ``index`` decoded, resized and cropped to its bucket: uint8 ``[bh, bw, 3]`` (kept while the
+        memory budget lasts; callers must not write to it)."""
+        kept = self._kept.get(index)
+        if kept is not None:
+            return kept
+        record = self.records[index]
+        crop = resize_center_crop(load_rgb(record.image_path(self.image_dir)), record.bw, record.bh)
+        if self._kept_bytes + crop.nbytes <= self.memory_bytes:
+            self._kept[index] = crop
+            self._kept_bytes += crop.nbytes
+        return crop
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.latents is None:
