@@ -6,6 +6,7 @@ operators of forward + backward (``torch.profiler``) and, with ``--compile``, th
     dvc repro synth                                        # the tiny world the loop reads
     python benchmarks/pretrain_profile.py --threads 1      # 200 steps of params.yaml's pretrain settings
     python benchmarks/pretrain_profile.py --threads 2 --steps 300 --compile
+    python benchmarks/pretrain_profile.py --threads 2 --image-memory-mib 0   # decode the images at every step
 
 The model is params.yaml's ``model.tiny`` built from scratch, the settings ``pretrain`` with validation off; MLflow
 logs go to a temporary store. Nothing is asserted; figures only.
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="optimiser steps of the profiled loop")
     ap.add_argument("--reps", type=int, default=20, help="timed forward + backward calls per variant")
     ap.add_argument("--compile", action="store_true", help="also time forward + backward under torch.compile")
+    ap.add_argument("--image-memory-mib", type=int, default=None,
+                    help="decoded images kept in memory (default: params.yaml's data.image_memory_mib; 0 = decode "
+                         "every step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.chdir(ROOT)
@@ -88,6 +92,7 @@ def main() -> None:
     if not Path(cfg.data.jsonl_path).is_file():
         raise SystemExit(f"{cfg.data.jsonl_path} not found: run `dvc repro synth` first")
     t = dataclasses.replace(cfg.pretrain, max_train_steps=args.steps, validation_steps=0, log_every=args.steps)
+    memory = cfg.data.image_memory_mib if args.image_memory_mib is None else args.image_memory_mib
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_model(Path(tmp) / "model", cfg.model.tiny, [r.caption for r in
                                                                read_clean_records(cfg.data.jsonl_path)], seed=0)
@@ -98,13 +103,14 @@ def main() -> None:
         tic = time.perf_counter()
         profiler.enable()
         run_training(bundle, t, None, cfg.data.jsonl_path, cfg.data.image_dir, Path(tmp) / "model", stage="pretrain",
-                     method="base", mlflow_cfg=mlflow_cfg, params={})
+                     method="base", mlflow_cfg=mlflow_cfg, params={}, image_memory_mib=memory)
         profiler.disable()
         wall = time.perf_counter() - tic
         model = bundle.transformer.train()
     phases = phase_seconds(pstats.Stats(profiler))
     print(f"\npretrain loop: {args.steps} steps of batch {t.train_batch_size}, {n / 1e6:.2f} M parameters, "
-          f"{args.threads} thread(s): {wall:.1f} s wall ({args.steps / wall:.2f} steps/s, set-up and saving included)")
+          f"{args.threads} thread(s), image memory {memory} MiB: {wall:.1f} s wall ({args.steps / wall:.2f} steps/s, "
+          "set-up and saving included)")
     print(f"{'phase':<42} {'ms/step':>8} {'share':>6}")
     for phase, seconds in phases.items():
         print(f"{phase:<42} {1000 * seconds / args.steps:8.1f} {seconds / wall:6.1%}")

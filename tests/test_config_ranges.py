@@ -41,6 +41,7 @@ BAD = {
     "synth.num_eval_geneval": -1, "synth.num_eval_ocr": -1, "synth.num_heldout": -1, "synth.seed": -1,
     "data.quality_threshold": UNBOUNDED,  # a score threshold on the filter's own scale (the tests use -1e9)
     "data.dataloader_num_workers": -1,
+    "data.image_memory_mib": -1,
     "model.t5_max_length": 0,
     **{f"model.tiny.{k}": 0 for k in ("sample_size", "patch_size", "num_layers", "num_attention_heads",
                                        "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
