@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if experiment is None:
         raise SystemExit(f"no MLflow experiment {args.experiment!r} in {tracking_uri(args.tracking_uri)}")
     group = args.group or newest_group(client, experiment.experiment_id)
-    groups = {g: stage_times(group_runs(client, experiment.experiment_id, g))
-              for g in ([args.before] if args.before else []) + [group]}
+    try:
+        groups = {g: stage_times(group_runs(client, experiment.experiment_id, g))
+                  for g in ([args.before] if args.before else []) + [group]}
+    except ValueError as err:
+        raise SystemExit(f"stage_times: {err}") from None
     for g, times in groups.items():
         if not times:
             raise SystemExit(f"no runs tagged {GROUP_TAG}={g} in experiment {args.experiment!r}")

@@ -182,7 +182,9 @@ def train(bundle: SD3Bundle, records: list, image_dir: str | Path, loop: TrainCo
     shift = float(bundle.scheduler.config.shift)  # the scheduler's sigmas: grid and continuous shift(u)
     grid = sigma_grid(bundle.scheduler.config.num_train_timesteps, shift).float().to(device)
 
-    dataset = ImageCaptionDataset(records, image_dir, memory_bytes=image_memory_mib * 2**20)
+    # with a latent cache each image is decoded once, to fill it: nothing is worth keeping
+    memory = 0 if latents is not None else image_memory_mib * 2**20
+    dataset = ImageCaptionDataset(records, image_dir, memory_bytes=memory)
     if latents is not None:  # fill the latent cache once (each process its share), then read moments only
         todo = latents.missing(records)
         progress = Progress(f"latent cache {latents.dir}", len(todo), unit="image", main=accelerator.is_main_process)

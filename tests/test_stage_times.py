@@ -45,3 +45,15 @@ def test_before_after_table_from_a_real_store(tmp_path, capsys):
     assert "| pretrain:base | 600.0 | 0.0 | 200.0 | 0.0 |" in out
     assert "| sample:base | 60.0 | 6.0 | 30.0 | 3.0 |" in out
     assert "| **wall (first start to last end)** | **666** |  | **233** |  |" in out
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_is_one_line_naming_it(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("soar", artifact_location=str(tmp_path / "art"))
+    client.create_run(exp, tags={"run_group": "repro-live"}, run_name="pretrain:base")  # never terminated
+    with pytest.raises(SystemExit, match="stage_times: run 'pretrain:base' has no end time"):
+        main(["--tracking-uri", uri])
