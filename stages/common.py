@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable
+from types import ModuleType
 
 from safetensors import SafetensorError
 
@@ -64,24 +67,56 @@ class DropMessage(logging.Filter):
         return not self.pattern.match(record.getMessage())
 
 
+class AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot ``sys.meta_path`` finder: once module ``name`` is first imported (executed), ``action(module)``
+    runs. The normal finders still find and load the module; this only wraps its loader's ``exec_module``."""
+
+    def __init__(self, name: str, action: Callable[[ModuleType], None]) -> None:
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot, and out of the way of the lookup below
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_act(module: ModuleType) -> None:
+                exec_module(module)
+                self.action(module)
+
+            spec.loader.exec_module = exec_then_act  # this module's own loader instance
+        return spec
+
+
+def after_import(name: str, action: Callable[[ModuleType], None]) -> None:
+    """Call ``action(module)`` on module ``name``: now when it is imported, else right after its first import.
+    Configures a library without importing it (diffusers' import takes seconds, so a stage that never uses it
+    must not pay for it); idempotent: one pending hook per module."""
+    if name in sys.modules:
+        action(sys.modules[name])
+    elif not any(isinstance(f, AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, AfterImport(name, action))
+
+
 def quiet_libraries() -> None:
-    """Silence library output a stage's user has no use for; idempotent.
+    """Silence library output a stage's user has no use for; idempotent; imports none of the libraries (a
+    library imported later is quieted as it loads).
 
     - progress bars of diffusers (model and pipeline loading, "Loading pipeline components"), transformers ("Loading
       weights", "Loading checkpoint shards", "Writing model shards" when the tiny model is written) and
-      huggingface_hub (downloads; ``HF_HUB_DISABLE_PROGRESS_BARS`` also reaches child processes): under DVC the
-      output is no terminal and each bar is a carriage-return line; the stages print their own progress
-      (``soar.progress``);
+      huggingface_hub (downloads; ``HF_HUB_DISABLE_PROGRESS_BARS`` also reaches child processes, and transformers
+      follows huggingface_hub's setting when it loads): under DVC the output is no terminal and each bar is a
+      carriage-return line; the stages print their own progress (``soar.progress``);
     - the messages of ``HARMLESS_LOG_MESSAGES``, each by its exact text: a library's other warnings still show.
     """
-    import diffusers.utils.logging
-    import huggingface_hub.utils
-    import transformers.utils.logging
+    import huggingface_hub.utils  # light, and read by transformers when it loads
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+    after_import("transformers.utils.logging", lambda module: module.disable_progress_bar())
+    after_import("diffusers.utils.logging", lambda module: module.disable_progress_bar())
     for name, pattern in HARMLESS_LOG_MESSAGES.items():
         logger = logging.getLogger(name)  # DeepSpeed's logger keeps this filter when it is set up later
         if not any(isinstance(f, DropMessage) and f.pattern.pattern == pattern for f in logger.filters):

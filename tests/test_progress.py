@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -193,3 +195,29 @@ def test_only_the_exact_harmless_messages_are_dropped(noisy_libraries, name, mes
     common.quiet_libraries()
     logger = logging.getLogger(name)
     assert bool(logger.filter(logger.makeRecord(name, logging.WARNING, __file__, 0, message, (), None))) is shown
+
+
+def test_after_import_acts_once_the_module_has_run(tmp_path, monkeypatch):
+    (tmp_path / "late_module.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    common.after_import("late_module", lambda module: seen.append(module.VALUE + 1))
+    common.after_import("late_module", lambda module: seen.append(-1))  # one pending hook per module
+    assert seen == [] and "late_module" not in sys.modules
+    import late_module
+
+    assert seen == [42] and late_module.VALUE == 41
+    assert not any(isinstance(f, common.AfterImport) for f in sys.meta_path)
+    common.after_import("late_module", lambda module: seen.append(module.VALUE))  # imported: acts at once
+    assert seen == [42, 41]
+    del sys.modules["late_module"]
+
+
+def test_quiet_libraries_imports_no_library_and_quiets_them_as_they_load():
+    """A stage that never uses diffusers (score, report) does not pay its seconds-long import for the quieting."""
+    code = ("import sys\nfrom stages import common\ncommon.quiet_libraries()\n"
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+            "from diffusers.utils import logging as d\nfrom transformers.utils import logging as t\n"
+            "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "False False"], out
