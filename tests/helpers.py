@@ -14,6 +14,10 @@ from soar.rollout import SoarConfig
 from soar.step import StepSettings
 from soar.train_config import TrainConfig
 
+# accelerate's launcher as dvc.yaml starts it: the `accelerate launch` command's own code and arguments, without the
+# CLI's import of its other subcommands
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
 FLOW_KEYS = {f.name for f in dataclasses.fields(FlowMatchingConfig)}
 
 

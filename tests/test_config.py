@@ -118,7 +118,7 @@ def test_dvc_stages_declare_the_sections_their_code_loads():
         dvc = yaml.safe_load(stage.dvcfile.read_text())["stages"]
         spec = dvc[stage.name].get("do", dvc[stage.name])
         module = importlib.import_module(cmd_entries(stage.cmd)[0])
-        launched = {"launch"} if "accelerate launch" in str(stage.cmd) else set()  # read by the command line
+        launched = {"launch"} if "accelerate.commands.launch" in str(stage.cmd) else set()  # read by the command line
         if hasattr(module, "METHOD_PARAMS"):  # one foreach entry per method; its fields name its own sections
             fields = [p[len("${item."):-1] for p in spec["params"] if isinstance(p, str) and p.startswith("${item.")]
             for method, entry in dvc[stage.name]["foreach"].items():

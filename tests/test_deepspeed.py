@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 on the CPU (DS_ACCELERATOR=cpu, gloo): the real engine through `accelerate launch`.
+"""DeepSpeed ZeRO-2 on the CPU (DS_ACCELERATOR=cpu, gloo): the real engine through accelerate's launcher.
 
 Two processes train the tiny model with pipeline/launch/zero2.yaml and, with the same seeds and global
 batch, with pipeline/launch/cpu_multi.yaml (DDP); per-step losses and final weights agree within a float32
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import free_port, write_launch_world
+from helpers import ACCELERATE_LAUNCH, free_port, write_launch_world
 from safetensors.torch import load_file
 
 from pipeline.config import parse_config, read_params
@@ -125,7 +125,7 @@ main("soar")
 
 def launch(work: Path, name: str, config: str, program: tuple[str, ...] = ("-m", "stages.train", "soar"),
            **train) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 processes of ``program`` on the CPU, output under ``work/name``.
+    """accelerate's launcher: 2 processes of ``program`` on the CPU, output under ``work/name``.
 
     The DeepSpeed JSON is passed as an absolute path: zero2.yaml names it relative to the repository root,
     where the stages run, and this runs in a temporary folder."""
@@ -137,7 +137,7 @@ def launch(work: Path, name: str, config: str, program: tuple[str, ...] = ("-m",
     (work / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, SOAR_PARAMS=f"{name}.yaml", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DVC_ROOT=str(work))
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(LAUNCH / config),
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(LAUNCH / config),
            *(["--deepspeed_config_file", str(LAUNCH / "ds_zero2.json")] if "zero2" in config else []),
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
            "--tee", "3", "--log_dir", str(work / f"{name}_logs"), *program]

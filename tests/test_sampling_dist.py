@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY_ARCH, free_port
+from helpers import ACCELERATE_LAUNCH, TINY_ARCH, free_port
 
 import stages.common
 import stages.sample
@@ -69,10 +68,11 @@ def params_file(work: Path, out_dir: str) -> str:
 
 
 def launch(work: Path, out_dir: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` of the sample stage for model "base" into ``out_dir`` on 2 gloo workers."""
+    """The sample stage for model "base" into ``out_dir`` on 2 gloo workers, through accelerate's launcher as
+    dvc.yaml starts it."""
     env = dict(os.environ, SOAR_PARAMS=params_file(work, out_dir), OMP_NUM_THREADS="1", DVC_ROOT=str(work),
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+    cmd = [*ACCELERATE_LAUNCH, "--config_file",
            str(ROOT / "pipeline" / "launch" / "cpu_multi.yaml"), "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(free_port()), *(script or ["-m", "stages.sample", "base"])]
     return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)

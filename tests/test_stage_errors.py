@@ -1,5 +1,5 @@
 """A stage's error reaches the user as one line, `error: <stage>: <what> ...`, exit status 1, no traceback:
-under `python -m`, under `accelerate launch --quiet` (as dvc.yaml runs train, sample and dynamics) with one
+under `python -m`, under accelerate's launcher with `--quiet` (as dvc.yaml runs train, sample and dynamics) with one
 and with two processes; SOAR_DEBUG=1 brings the traceback back."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port
+from helpers import ACCELERATE_LAUNCH, free_port
 
 from pipeline.config import read_params
 
@@ -63,7 +63,7 @@ def test_a_config_error_is_one_line_too(work):
 
 @pytest.mark.parametrize(("config", "processes"), [("cpu.yaml", 1), ("cpu_multi.yaml", 2)])
 def test_accelerate_launch_quiet_prints_the_line_without_tracebacks(work, config, processes):
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", "--config_file",
+    cmd = [*ACCELERATE_LAUNCH, "--quiet", "--config_file",
            str(ROOT / "pipeline" / "launch" / config), "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(free_port()), "-m", "stages.train", "soar"]
     proc = run(work, cmd)

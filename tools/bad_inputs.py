@@ -6,7 +6,7 @@
 
 A small tiny world (synth, prepare, embed on the tiny default with reduced sizes, and a randomly initialised
 tiny base) is built in a temporary folder; each case then edits a copy of the parameters or of a file and
-runs one stage as `dvc.yaml` does (`python -m stages.X`, or `accelerate launch --quiet` for train and
+runs one stage as `dvc.yaml` does (`python -m stages.X`, or accelerate's launcher `--quiet` for train and
 sample). A case is **good** when it ends as promised: either a clear failure (exit status 1, exactly one
 `error:` line naming what is named in the case, no traceback), or correct handling (exit status 0 and the
 case's own check of the result). Anything else is **BAD**: a traceback, a silent wrong result, a wrong
@@ -88,9 +88,9 @@ def write_params(work: Path, edits: dict, name: str) -> str:
 
 def command(stage: list[str]) -> list[str]:
     if stage[0] in ("train", "sample", "dynamics"):
-        accelerate = str(Path(sys.executable).parent / "accelerate")
-        return [accelerate, "launch", "--quiet", "--config_file", str(ROOT / "pipeline/launch/cpu.yaml"),
-                "--num_processes", "1", "--num_machines", "1", "-m", f"stages.{stage[0]}", *stage[1:]]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file",
+                str(ROOT / "pipeline/launch/cpu.yaml"), "--num_processes", "1", "--num_machines", "1",
+                "-m", f"stages.{stage[0]}", *stage[1:]]
     return [sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]]
 
 
