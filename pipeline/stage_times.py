@@ -2,6 +2,7 @@
 
     python -m pipeline.stage_times                        # the newest group of the soar experiment
     python -m pipeline.stage_times --group repro-1a2b3c4 --before repro-9f8e7d6   # side by side
+    python -m pipeline.stage_times --before-tracking-uri sqlite:///../old/mlflow.db  # against another checkout
 
 Each stage execution logs one MLflow run; a repro's runs share a ``run_group`` tag. Per stage the table gives the
 run's own seconds (start to end: the stage's work after its imports and config load) and the seconds between
@@ -85,25 +86,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="soar", help="MLflow experiment (default soar)")
     ap.add_argument("--group", default=None, help="run group to report (default: the newest run's group)")
     ap.add_argument("--before", default=None, help="a second group, shown first, for a before/after table")
+    ap.add_argument("--before-tracking-uri", default=None, help="read the --before group from this store (default: "
+                    "the same store; without --before, that store's newest group), e.g. another clone's mlflow.db")
     args = ap.parse_args(argv)
     import mlflow
 
     from pipeline.tracking import tracking_uri
 
-    client = mlflow.MlflowClient(tracking_uri(args.tracking_uri))
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        raise SystemExit(f"no MLflow experiment {args.experiment!r} in {tracking_uri(args.tracking_uri)}")
-    group = args.group or newest_group(client, experiment.experiment_id)
+    def open_experiment(uri: str):
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name(args.experiment)
+        if experiment is None:
+            raise SystemExit(f"no MLflow experiment {args.experiment!r} in {uri}")
+        return client, experiment.experiment_id
+
+    client, experiment_id = open_experiment(tracking_uri(args.tracking_uri))
+    sources = []  # (label, client, experiment id, group): the before group first
+    if args.before or args.before_tracking_uri:
+        before_client, before_id = (open_experiment(args.before_tracking_uri) if args.before_tracking_uri
+                                    else (client, experiment_id))
+        before = args.before or newest_group(before_client, before_id)
+        sources.append(("before " + before if args.before_tracking_uri else before, before_client, before_id, before))
+    group = args.group or newest_group(client, experiment_id)
+    sources.append((group, client, experiment_id, group))
     try:
-        groups = {g: stage_times(group_runs(client, experiment.experiment_id, g))
-                  for g in ([args.before] if args.before else []) + [group]}
+        columns = [(label, stage_times(group_runs(c, e, g)), g) for label, c, e, g in sources]
     except ValueError as err:
         raise SystemExit(f"stage_times: {err}") from None
-    for g, times in groups.items():
+    for _, times, g in columns:
         if not times:
             raise SystemExit(f"no runs tagged {GROUP_TAG}={g} in experiment {args.experiment!r}")
-    print(table(groups))
+    print(table({label: times for label, times, _ in columns}))
     return 0
 
 

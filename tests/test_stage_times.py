@@ -26,25 +26,49 @@ def test_unfinished_run_is_named():
         stage_times([("train:soar", 5_000, None)])
 
 
-@pytest.mark.slow
-def test_before_after_table_from_a_real_store(tmp_path, capsys):
+def write_store(folder, groups: dict) -> str:
+    """A real MLflow sqlite store in ``folder`` with experiment "soar" holding ``groups``: {group: [(stage, start
+    ms, end ms)]}, times relative to a fixed instant."""
     import mlflow
 
     T0 = 1_800_000_000_000  # ms since the epoch (0 would read as "now")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("soar", artifact_location=str(tmp_path / "art"))
-    for group, spans in {"repro-old": [("pretrain:base", 0, 600_000), ("sample:base", 606_000, 666_000)],
-                         "repro-new": [("pretrain:base", 1_000_000, 1_200_000),
-                                       ("sample:base", 1_203_000, 1_233_000)]}.items():
+    exp = client.create_experiment("soar", artifact_location=str(folder / "art"))
+    for group, spans in groups.items():
         for name, start, end in spans:
             run = client.create_run(exp, start_time=T0 + start, tags={"run_group": group}, run_name=name)
             client.set_terminated(run.info.run_id, end_time=T0 + end)
+    return uri
+
+
+OLD = [("pretrain:base", 0, 600_000), ("sample:base", 606_000, 666_000)]
+NEW = [("pretrain:base", 1_000_000, 1_200_000), ("sample:base", 1_203_000, 1_233_000)]
+
+
+@pytest.mark.slow
+def test_before_after_table_from_a_real_store(tmp_path, capsys):
+    uri = write_store(tmp_path, {"repro-old": OLD, "repro-new": NEW})
     assert main(["--tracking-uri", uri, "--before", "repro-old"]) == 0  # newest group: repro-new
     out = capsys.readouterr().out
+    assert "| stage | repro-old run s | repro-old start-up s | repro-new run s | repro-new start-up s |" in out
     assert "| pretrain:base | 600.0 | 0.0 | 200.0 | 0.0 |" in out
     assert "| sample:base | 60.0 | 6.0 | 30.0 | 3.0 |" in out
     assert "| **wall (first start to last end)** | **666** |  | **233** |  |" in out
+
+
+@pytest.mark.slow
+def test_before_from_another_checkouts_store(tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = write_store(tmp_path / "old", {"repro-old": OLD})
+    new = write_store(tmp_path / "new", {"repro-new": NEW})
+    assert main(["--tracking-uri", new, "--before-tracking-uri", old]) == 0  # each store's newest group
+    out = capsys.readouterr().out
+    assert "| stage | before repro-old run s | before repro-old start-up s | repro-new run s |" in out
+    assert "| sample:base | 60.0 | 6.0 | 30.0 | 3.0 |" in out
+    with pytest.raises(SystemExit, match="no runs tagged run_group=repro-gone"):
+        main(["--tracking-uri", new, "--before-tracking-uri", old, "--before", "repro-gone"])
 
 
 @pytest.mark.slow
